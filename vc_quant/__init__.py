@@ -1,0 +1,31 @@
+"""vc_quant: video codecs as tensor codecs for Hugging Face Transformers.
+
+``import vc_quant`` registers the ``vc`` quantization method with transformers,
+so checkpoints written by vc_quant load with plain ``from_pretrained``.
+"""
+
+from vc_quant.codec import CodecOptions, EncodedTensor, decode_tensor, encode_tensor
+from vc_quant.errors import (
+    VcBackendUnavailableError,
+    VcCodecError,
+    VcConfigError,
+    VcCorruptDataError,
+    VcInputError,
+    VcQuantError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CodecOptions",
+    "EncodedTensor",
+    "VcBackendUnavailableError",
+    "VcCodecError",
+    "VcConfigError",
+    "VcCorruptDataError",
+    "VcInputError",
+    "VcQuantError",
+    "__version__",
+    "decode_tensor",
+    "encode_tensor",
+]

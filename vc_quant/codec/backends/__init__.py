@@ -1,0 +1,15 @@
+"""Video backends behind a small registry: ``get_backend(name)``."""
+
+from vc_quant.codec.backends.base import (
+    EncoderSettings,
+    VideoBackend,
+    available_backends,
+    get_backend,
+    register_backend,
+)
+from vc_quant.codec.backends.pyav import H264Backend, HevcBackend
+
+register_backend("hevc", HevcBackend)
+register_backend("h264", H264Backend)
+
+__all__ = ["EncoderSettings", "VideoBackend", "available_backends", "get_backend", "register_backend"]

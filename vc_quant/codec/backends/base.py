@@ -1,0 +1,70 @@
+"""The interface every video backend implements, and the backend registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from vc_quant.errors import VcBackendUnavailableError, VcConfigError
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Encoder knobs that affect the bitstream (part of the determinism contract)."""
+
+    preset: str = "medium"
+    threads: int = 0  # 0 → the encoder's own choice (all cores)
+    chroma_qp_match: bool = True  # offset chroma QP so chroma is quantised like luma
+
+
+class VideoBackend(ABC):
+    """One video codec used as a picture codec for 8-bit 4:2:0 frames.
+
+    ``encode`` turns frames into one self-contained intra access unit each (its own
+    parameter sets), so frames decode independently and in parallel.
+    """
+
+    name: str
+    #: name of the decoder FFmpeg uses for this codec (CPU reference decoder)
+    qp_min: int
+    qp_max: int
+
+    @staticmethod
+    def log2_step(qp: int) -> float:
+        """log2 of the quantiser step size at ``qp`` (H.26x: doubles every 6 QP)."""
+        return (qp - 4) / 6.0
+
+    @abstractmethod
+    def encode(self, frames: list[np.ndarray], qp: int, settings: EncoderSettings) -> list[bytes]:
+        """Encode ``(1.5H, W)`` uint8 yuv420p frames at a constant QP; one packet per frame."""
+
+    @abstractmethod
+    def decode(self, packets: list[bytes], width: int, height: int) -> list[np.ndarray]:
+        """Decode packets back into ``(1.5H, W)`` uint8 frames."""
+
+
+_FACTORIES: dict[str, Callable[[], VideoBackend]] = {}
+_INSTANCES: dict[str, VideoBackend] = {}
+
+
+def register_backend(name: str, factory: Callable[[], VideoBackend]) -> None:
+    _FACTORIES[name] = factory
+
+
+def available_backends() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def get_backend(name: str) -> VideoBackend:
+    """Return the (cached) backend called ``name``; raise a clear error if unknown/unavailable."""
+    if name not in _FACTORIES:
+        raise VcConfigError(f"codec={name!r} is not a known backend; choose one of {available_backends()}")
+    if name not in _INSTANCES:
+        try:
+            _INSTANCES[name] = _FACTORIES[name]()
+        except ImportError as exc:  # a missing optional library
+            raise VcBackendUnavailableError(f"codec backend {name!r} cannot run here: {exc}") from exc
+    return _INSTANCES[name]

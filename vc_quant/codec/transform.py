@@ -1,0 +1,128 @@
+"""Value-domain transforms of the tensor codec (pure torch, exact inverses).
+
+* :func:`rotate` / :func:`unrotate` — a seeded random orthogonal rotation along the
+  last dimension that spreads outliers so every row looks Gaussian: random signs,
+  a Walsh–Hadamard transform over the power-of-two factor of ``n`` and, when ``n``
+  has an odd factor ``m`` (576 = 64·9, 1536 = 512·3), a seeded random ``m×m``
+  orthogonal matrix on the other axis (a Kronecker product ``Q_m ⊗ H_2^k``).
+* :func:`pixel_map`, :func:`to_pixels` / :func:`from_pixels` — the 8-bit front end:
+  an affine map of each row (or the whole tensor) onto 0..255 whose amplitude is a
+  continuous knob the rate control uses between integer QPs.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from vc_quant.errors import VcConfigError
+
+PIXEL_ZERO = 128.0  # the pixel value that decodes to ``center``
+# Odd factors above this get no dense rotation (an m×m matmul per row would dominate).
+MAX_ODD_FACTOR = 2048
+
+
+def split_pow2(n: int) -> tuple[int, int]:
+    """Return ``(m, p)`` with ``n = m * p``, ``p`` a power of two and ``m`` odd."""
+    p = n & -n
+    return n // p, p
+
+
+def can_rotate(n: int) -> bool:
+    return n >= 2 and split_pow2(n)[0] <= MAX_ODD_FACTOR
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh–Hadamard transform along the last dim (a power of two)."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x * (1.0 / math.sqrt(n))
+
+
+@lru_cache(maxsize=64)
+def _rotation_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Signs (n,) and the odd-factor orthogonal matrix (m, m) or None; fp64, CPU.
+
+    Generated on CPU in float64 so every machine (and the GPU decode path) derives
+    bit-identical factors from the seed.
+    """
+    gen = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+    m, _ = split_pow2(n)
+    if m == 1:
+        return signs, None
+    q, r = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # unique Haar-distributed Q
+    return signs, q
+
+
+def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Apply the seeded rotation along the last dim of a float tensor."""
+    n = x.shape[-1]
+    if not can_rotate(n):
+        raise VcConfigError(
+            f"rotation: last dimension {n} has an odd factor {split_pow2(n)[0]} > {MAX_ODD_FACTOR}; "
+            "pass rotation=False for this tensor"
+        )
+    signs, q = _rotation_factors(n, seed)
+    m, p = split_pow2(n)
+    y = x * signs.to(x.device, x.dtype)
+    y = fwht(y.reshape(*x.shape[:-1], m, p))
+    if q is not None:
+        y = torch.matmul(q.to(x.device, x.dtype), y)
+    return y.reshape(x.shape)
+
+
+def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Exact inverse of :func:`rotate` (up to float rounding)."""
+    n = y.shape[-1]
+    signs, q = _rotation_factors(n, seed)
+    m, p = split_pow2(n)
+    x = y.reshape(*y.shape[:-1], m, p)
+    if q is not None:
+        x = torch.matmul(q.t().to(y.device, y.dtype), x)
+    x = fwht(x).reshape(y.shape)  # the orthonormal WHT is its own inverse
+    return x * signs.to(y.device, y.dtype)
+
+
+def pixel_map(x: torch.Tensor, amplitude: float, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine map of a 2-D float tensor onto pixels centred on 128: ``(center, step)``.
+
+    ``x ≈ center + (pixel - 128) * step`` (a constant row decodes exactly). ``amplitude`` in (0, 1] scales the used
+    range (1 → the extremes land on 0 and 255). ``center``/``step`` are float16 per
+    row (``per_row``) or float32 scalars, shaped to broadcast against ``x``.
+    """
+    if per_row:
+        lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        store = torch.float16
+    else:
+        lo, hi = x.amin().reshape(1, 1), x.amax().reshape(1, 1)
+        store = torch.float32
+    center = ((hi + lo) * 0.5).to(store)
+    c = center.to(x.dtype)
+    half = torch.maximum(hi - c, c - lo)  # measured from the *stored* centre
+    # round the step up so the extremes stay inside 0..255 after storage rounding
+    step = (half / (127.5 * amplitude) * (1 + 2**-9)).to(store)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # constant rows
+    return center, step
+
+
+def to_pixels(x: torch.Tensor, center: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Quantise ``x`` to uint8 pixels with the *stored* map, so decode matches encode."""
+    q = (x - center.to(x.dtype)) / step.to(x.dtype) + PIXEL_ZERO
+    return q.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def from_pixels(
+    pixels: torch.Tensor, center: torch.Tensor, step: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`to_pixels` (up to the rounding to whole pixels)."""
+    return (pixels.to(dtype) - PIXEL_ZERO) * step.to(dtype) + center.to(dtype)
