@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAMPLE_MIN_VALUES = 1 << 16  # rate probes encode at least this many values …
-_SAMPLE_FRACTION = 0.125  # … or this share of the tensor, whichever is larger
+_SAMPLE_MIN_VALUES = 216 * 144  # rate probes encode at least one smallest frame …
+_SAMPLE_FRACTION = 1 / 16  # … or this share of the tensor, whichever is larger
 _MIN_RATE_CONTROLLED = 1 << 14  # smaller tensors: one encode at the predicted step
 
 
@@ -242,7 +242,9 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     numel = rows * cols
 
     def knobs(e: float) -> tuple[int, float]:
-        return split_log_step(e, backend.log2_step, backend.qp_min, backend.qp_max)
+        # amplitude in (0.75, 0.84]: headroom both ways for the full encodes below
+        qp = split_log_step(e - 0.25, backend.log2_step, backend.qp_min, backend.qp_max)[0]
+        return qp, min(1.0, 2.0 ** (backend.log2_step(qp) - e))
 
     # Bits that do not depend on the rate (scales, metadata; the latter from a
     # template of the final record): the bitstream gets the rest of the budget.
@@ -278,8 +280,15 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
         packets = _encode_at(p, sample_x, sample_layout, qp, center, step)
         return 8 * sum(len(b) for b in packets) / sample_x.numel() + side_bits / numel
 
+    full_qp: list[int] = []
+
     def full_encode(e: float) -> Trial[EncodedTensor]:
-        qp, amp = knobs(e)
+        # Keep one QP for all full encodes and move only the amplitude: the rate is
+        # continuous in amplitude but jumps a little between QPs (RDO lambda).
+        if not full_qp or not 0.5 <= 2.0 ** (backend.log2_step(full_qp[0]) - e) <= 1.0:
+            full_qp[:] = [knobs(e)[0]]
+        qp = full_qp[0]
+        amp = min(1.0, 2.0 ** (backend.log2_step(qp) - e))
         center, step = tf.pixel_map(x, amp, p.per_row)
         enc = _record(p, _encode_at(p, x, layout, qp, center, step), center, step, qp)
         return Trial(e, enc.bits_per_value, enc)
@@ -287,7 +296,8 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     best, trials = search_rate(sample_rate, full_encode, target, e_start, opts.tolerance, e_bounds)
     if abs(best.rate - target) > opts.tolerance:
         logger.warning("%s: rate %.3f bits/value misses the target %.3f", name, best.rate, target)
-    best.result.stats = {"full_encodes": len(trials), "amplitude": knobs(best.e)[1], "rate_controlled": True}
+    amplitude = min(1.0, 2.0 ** (backend.log2_step(best.result.meta["qp"]) - best.e))
+    best.result.stats = {"full_encodes": len(trials), "amplitude": amplitude, "rate_controlled": True}
     return best.result
 
 

@@ -99,6 +99,8 @@ class HevcBackend(_PyAVBackend):
             "aq-mode=0",  # no psycho-visual QP modulation: we want plain MSE
             "psy-rd=0",
             "psy-rdoq=0",
+            "no-deblock=1",  # in-loop filters smooth picture edges: measured +11% MSE on weights
+            "no-sao=1",
             "log-level=error",
         ]
         if settings.chroma_qp_match:
