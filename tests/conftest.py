@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from hf_fixtures import copy_dir, tiny_quantized, tiny_src  # noqa: F401  (shared fixtures)
+
 
 def _required(var: str) -> bool:
     return os.environ.get(var, "") not in ("", "0")

@@ -5,6 +5,7 @@ so checkpoints written by vc_quant load with plain ``from_pretrained``.
 """
 
 from vc_quant.codec import CodecOptions, EncodedTensor, decode_tensor, encode_tensor
+from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import (
     VcBackendUnavailableError,
     VcCodecError,
@@ -13,8 +14,10 @@ from vc_quant.errors import (
     VcInputError,
     VcQuantError,
 )
+from vc_quant.hf import register as _register
 
 __version__ = "0.1.0"
+_register()
 
 __all__ = [
     "CodecOptions",
@@ -25,6 +28,7 @@ __all__ = [
     "VcCorruptDataError",
     "VcInputError",
     "VcQuantError",
+    "VcQuantizationConfig",
     "__version__",
     "decode_tensor",
     "encode_tensor",

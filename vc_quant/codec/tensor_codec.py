@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -331,22 +332,24 @@ _DECODE_POOL: ThreadPoolExecutor | None = None
 def _pool() -> ThreadPoolExecutor:
     global _DECODE_POOL
     if _DECODE_POOL is None:
-        import os
-
         _DECODE_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="vc-decode")
     return _DECODE_POOL
 
 
-def decode_frames(enc: EncodedTensor) -> list[torch.Tensor]:
-    """Decode the access units of ``enc`` into uint8 frames (CPU, frames in parallel)."""
+def decode_frames(enc: EncodedTensor, threads: int | None = None) -> list[torch.Tensor]:
+    """Decode the access units of ``enc`` into uint8 frames (CPU, frames in parallel).
+
+    ``threads``: decoder threads inside a single frame (default: all cores); pass 1
+    when several tensors are decoded side by side.
+    """
     layout = fr.FrameLayout.from_dict(enc.meta["layout"])
     backend = get_backend(enc.meta["codec"])
     data = enc.bitstream.cpu().numpy().tobytes()
     offsets = np.cumsum([0, *enc.meta["frame_bytes"]])
     packets = [data[a:b] for a, b in itertools.pairwise(offsets)]
-    if len(packets) == 1:
-        out = backend.decode(packets, layout.width, layout.height)
-    else:
+    if len(packets) == 1:  # one frame: threads inside it
+        out = backend.decode(packets, layout.width, layout.height, threads=threads or os.cpu_count() or 1)
+    else:  # several frames: one per worker
         jobs = [_pool().submit(backend.decode, [pk], layout.width, layout.height) for pk in packets]
         out = [f for j in jobs for f in j.result()]
     return [torch.from_numpy(f) for f in out]
@@ -366,6 +369,8 @@ def reconstruct(enc: EncodedTensor, frames: list[torch.Tensor], device=None, dty
     return x.reshape(-1)[:n].reshape(meta["shape"]).to(out_dtype)
 
 
-def decode_tensor(enc: EncodedTensor, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def decode_tensor(
+    enc: EncodedTensor, device=None, dtype: torch.dtype | None = None, threads: int | None = None
+) -> torch.Tensor:
     """Decode ``enc`` to a dense tensor on ``device`` (default CPU) in its original dtype."""
-    return reconstruct(enc, decode_frames(enc), device=device or "cpu", dtype=dtype)
+    return reconstruct(enc, decode_frames(enc, threads), device=device or "cpu", dtype=dtype)

@@ -42,8 +42,8 @@ class VideoBackend(ABC):
         """Encode ``(1.5H, W)`` uint8 yuv420p frames at a constant QP; one packet per frame."""
 
     @abstractmethod
-    def decode(self, packets: list[bytes], width: int, height: int) -> list[np.ndarray]:
-        """Decode packets back into ``(1.5H, W)`` uint8 frames."""
+    def decode(self, packets: list[bytes], width: int, height: int, threads: int = 1) -> list[np.ndarray]:
+        """Decode packets back into ``(1.5H, W)`` uint8 frames (``threads`` inside one frame)."""
 
 
 _FACTORIES: dict[str, Callable[[], VideoBackend]] = {}

@@ -65,10 +65,11 @@ class _PyAVBackend(VideoBackend):
             raise VcCodecError(f"{self.encoder} returned {len(packets)} packets for {len(frames)} frames")
         return packets
 
-    def decode(self, packets: list[bytes], width: int, height: int) -> list[np.ndarray]:
+    def decode(self, packets: list[bytes], width: int, height: int, threads: int = 1) -> list[np.ndarray]:
         av = self._av
         ctx = av.CodecContext.create(self.decoder, "r")
-        ctx.thread_count = 1  # parallelism comes from decoding frames/tensors side by side
+        # slice threading decodes x265's wavefront (WPP) rows in parallel: ~2x on 2 cores
+        ctx.thread_count, ctx.thread_type = threads, "SLICE"
         out = []
         try:
             for data in packets:

@@ -1,0 +1,177 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import vc_quant
+from vc_quant import VcQuantizationConfig
+
+IDS = torch.tensor([[1, 2, 3, 4, 5]])
+
+
+def linear_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_quantize_on_load_hits_the_budget_and_skips_defaults(tiny_src):
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=VcQuantizationConfig(bits=2.5))
+    report = model.vc_quant_report
+    decoder_linears = [n for n in linear_names(model) if n != "lm_head"]
+    assert report.tensors == len(decoder_linears) == 14
+    assert abs(report.bits_per_weight - 2.5) <= 0.03
+    assert "lm_head" not in {k.rpartition(".")[0] for k in report.per_tensor}
+    assert model.config.quantization_config.bits == 2.5
+
+
+def test_saved_checkpoint_layout(tiny_quantized):
+    path, _ = tiny_quantized
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "vc"
+    assert cfg["quantization_config"]["format_version"] == 1
+    sd = load_file(str(path / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert sd[key].dtype == torch.uint8 and sd[key].dim() == 1  # the bitstream keeps the weight's name
+    assert {key + s for s in ("_vc_center", "_vc_step", "_vc_meta")} <= set(sd)
+    assert sd["model.norm.weight"].dtype == torch.float32  # non-linear params stay plain
+    assert "lm_head.weight" not in sd  # tied to embed_tokens
+
+
+def test_reload_in_fresh_process_gives_identical_logits(tiny_quantized, tmp_path):
+    path, logits = tiny_quantized
+    out = tmp_path / "logits.pt"
+    code = textwrap.dedent(f"""
+        import torch, vc_quant
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        with torch.no_grad():
+            torch.save(m(torch.tensor([[1, 2, 3, 4, 5]])).logits, {str(out)!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    diff = (torch.load(out) - logits).abs().max().item()
+    assert diff == 0.0  # decode is deterministic
+
+
+def test_resave_is_byte_identical(tiny_quantized, tmp_path):
+    path, _ = tiny_quantized
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.save_pretrained(tmp_path / "again")
+    a, b = load_file(str(path / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_save_and_reload(tiny_src, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=VcQuantizationConfig(bits=3))
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reload_dtype(tiny_quantized, dtype):
+    path, logits = tiny_quantized
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    assert model.model.norm.weight.dtype == dtype
+    with torch.no_grad():
+        out = model(IDS).logits.float()
+    assert (out - logits).abs().max() < (1e-4 if dtype == torch.float32 else 0.2)
+
+
+def test_tied_embeddings_survive(tiny_quantized):
+    path, _ = tiny_quantized
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_device_map_auto_with_cpu_offload(tiny_quantized):
+    path, logits = tiny_quantized
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory={"cpu": "1GB"})
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, logits)
+
+
+def test_modules_to_not_convert_is_merged_with_defaults(tiny_src):
+    cfg = VcQuantizationConfig(bits=3, modules_to_not_convert=["model.layers.0.mlp.down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=cfg)
+    quantized = {k.rpartition(".")[0] for k in model.vc_quant_report.per_tensor}
+    assert "model.layers.0.mlp.down_proj" not in quantized
+    assert "lm_head" not in quantized  # the default skip still applies
+    assert "model.layers.1.mlp.down_proj" in quantized
+
+
+def test_overrides_set_bits_per_module(tiny_src):
+    cfg = VcQuantizationConfig(bits=2.5, overrides={r".*\.v_proj": 4.0, "model.layers.1.mlp.up_proj": 0})
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=cfg)
+    per = model.vc_quant_report.per_tensor
+    assert "model.layers.1.mlp.up_proj.weight" not in per
+    assert abs(per["model.layers.0.self_attn.v_proj.weight"]["bpw"] - 4.0) < 0.3  # small tensor: no rate control
+    assert abs(per["model.layers.0.mlp.down_proj.weight"]["bpw"] - 2.5) <= 0.03
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"bits": 0.5}, "bits=0.5"),
+        ({"bits": "3"}, "bits='3'"),
+        ({"codec": "vp9"}, "codec='vp9'"),
+        ({"overrides": {"(": 3}}, "overrides"),
+        ({"overrides": {"x": 9}}, r"overrides\['x'\]"),
+        ({"decode_backend": "gpu"}, "decode_backend"),
+        ({"tile": 100}, "tile=100"),
+        ({"bitz": 3}, "unknown field"),
+        ({"format_version": 99}, "format_version=99"),
+    ],
+)
+def test_bad_config_values_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VcQuantizationConfig(**kwargs)
+
+
+def test_config_round_trips_through_dict():
+    cfg = VcQuantizationConfig(bits=3.25, overrides={"a": 4}, modules_to_not_convert=["x"])
+    again = VcQuantizationConfig.from_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_corrupted_shard_raises_naming_the_tensor(tiny_quantized, copy_dir, caplog):
+    path = copy_dir(tiny_quantized[0])
+    sd = load_file(str(path / "model.safetensors"))
+    key = "model.layers.1.self_attn.o_proj.weight"
+    sd[key] = sd[key].clone()
+    sd[key][100] ^= 0xFF
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError):
+        AutoModelForCausalLM.from_pretrained(path)
+    assert f"{key}: checksum mismatch" in caplog.text
+
+
+def test_loading_without_import_fails_loudly(tiny_quantized):
+    """A fresh Python that never imported vc_quant must not get random weights."""
+    path, _ = tiny_quantized
+    code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ignore_mismatched_sizes" in proc.stderr or "size mismatch" in proc.stderr
+
+
+def test_register_is_idempotent():
+    import importlib
+
+    from vc_quant import hf
+
+    hf.register()
+    importlib.reload(hf)
+    hf.register()
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    assert AUTO_QUANTIZER_MAPPING["vc"].__name__ == "VcHfQuantizer"
+    assert vc_quant.VcQuantizationConfig is not None

@@ -1,0 +1,27 @@
+"""transformers integration: registers the ``vc`` quantization method once."""
+
+from __future__ import annotations
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from vc_quant.config import VcQuantizationConfig
+from vc_quant.format import QUANT_METHOD
+from vc_quant.hf.quantizer import VcHfQuantizer
+
+
+def register() -> None:
+    """Register config and quantizer with transformers (idempotent: safe on re-import)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not VcQuantizationConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(VcQuantizationConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not VcHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(VcHfQuantizer)
+
+
+__all__ = ["VcHfQuantizer", "VcQuantizationConfig", "register"]

@@ -1,0 +1,240 @@
+"""VcHfQuantizer: the transformers side of vc_quant (quantize on load, save, decode on load)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from vc_quant import format as fmt
+from vc_quant.codec import EncodedTensor, decode_tensor, encode_tensor
+from vc_quant.codec.backends.nvcodec import nvdec_status
+from vc_quant.config import VcQuantizationConfig
+from vc_quant.errors import VcConfigError
+from vc_quant.hf.ops import VcDeserialize, VcQuantize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationReport:
+    """What a load did: tensors, values, all-in bits and timings."""
+
+    tensors: int = 0
+    values: int = 0
+    stored_bytes: int = 0
+    seconds: float = 0.0
+    decode_backend: str = "cpu"
+    decode_fallback_reason: str | None = None
+    per_tensor: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.stored_bytes / max(self.values, 1)
+
+    def add(self, name: str, enc: EncodedTensor) -> None:
+        self.tensors += 1
+        self.values += enc.numel
+        self.stored_bytes += enc.nbytes
+        self.per_tensor[name] = {"shape": list(enc.shape), "bpw": enc.bits_per_value, "qp": enc.meta.get("qp")}
+
+
+def encoded_params(model: torch.nn.Module):
+    """Yield ``(param_key, module, param_name, EncodedTensor)`` for every quantized parameter."""
+    for module_name, module in model.named_modules():
+        for param, enc in getattr(module, "_vc_encoded", {}).items():
+            yield (f"{module_name}.{param}" if module_name else param), module, param, enc
+
+
+class VcHfQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: VcQuantizationConfig
+    # the stored entries of a quantized "weight" (companions first: the loader's regex
+    # alternation must try them before the bare name)
+    serialized_names: ClassVar[dict[str, list[str]]] = {
+        "weight": [f"weight{s}" for s in fmt.COMPANIONS.values()] + ["weight"]
+    }
+
+    def __init__(self, quantization_config: VcQuantizationConfig, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: dict[str, Future] = {}
+        self._started = 0.0
+        self.modules_to_not_convert: list[str] = []
+        self.report = QuantizationReport()
+
+    # --- environment and planning -------------------------------------------------
+    def validate_environment(self, device_map=None, **kwargs) -> None:
+        # disk offload writes each param as soon as it is loaded: decode synchronously then
+        self._sync_decode = isinstance(device_map, dict) and "disk" in device_map.values()
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise VcConfigError(
+                "quantizing on load with disk offload is not supported: compress first "
+                "(`vc-quant compress SRC DST`), then load DST with device_map"
+            )
+        if self.quantization_config.decode_backend == "nvdec":
+            ok, reason = nvdec_status()
+            if not ok:
+                raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {reason}")
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _process_model_before_weight_loading(self, model, **kwargs) -> None:
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model,
+            self.quantization_config.skip_list(),
+            getattr(model, "_keep_in_fp32_modules", None),
+            add_default_skips=True,
+        )
+        self._started = time.perf_counter()
+
+    def _skipped(self, module_name: str) -> bool:
+        return any(
+            module_name == skip or module_name.endswith("." + skip) or f".{skip}." in f".{module_name}."
+            for skip in self.modules_to_not_convert
+        )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        if tensor_name != "weight" or not isinstance(module, torch.nn.Linear):
+            return False
+        module_name = param_name.rpartition(".")[0]
+        if self._skipped(module_name) or self.quantization_config.bits_for(module_name) == 0:
+            return False
+        return module.weight.numel() >= self.quantization_config.min_numel
+
+    # --- quantize on load -------------------------------------------------------------
+    def get_quantize_ops(self):
+        return VcQuantize(self)
+
+    def submit_encode(self, model, param_name: str, tensor: torch.Tensor) -> None:
+        """Queue one encode; the worker pool keeps all cores busy while loading goes on."""
+        module_name = param_name.rpartition(".")[0]
+        bits = self.quantization_config.bits_for(module_name)
+        options = self.quantization_config.codec_options()
+        kwargs = {f: getattr(options, f) for f in ("codec", "preset", "rotation", "seed", "scale", "tile")}
+        self._jobs[param_name] = self._executor("vc-encode").submit(
+            encode_tensor, tensor.detach().to("cpu"), bits, name=param_name, **kwargs
+        )
+
+    def _finish_encodes(self, model) -> None:
+        try:
+            for param_name, job in tqdm(self._jobs.items(), desc="vc_quant: encoding", unit="tensor"):
+                enc = job.result()
+                module_name, _, param = param_name.rpartition(".")
+                module = model.get_submodule(module_name)
+                current = getattr(module, param)
+                dense = self.decode(enc, device=current.device, dtype=current.dtype)
+                with torch.no_grad():
+                    current.data = dense
+                module._vc_encoded = {**getattr(module, "_vc_encoded", {}), param: enc}
+        finally:
+            self._shutdown()
+
+    # --- decode ----------------------------------------------------------------------------
+    def decode(self, enc: EncodedTensor, device, dtype: torch.dtype) -> torch.Tensor:
+        """Decode on the configured backend; CPU FFmpeg when NVDEC is not usable."""
+        device = torch.device(device)
+        if device.type == "cuda" and self.quantization_config.decode_backend in ("auto", "nvdec"):
+            ok, reason = nvdec_status()
+            if ok:
+                from vc_quant.codec.backends.nvcodec import decode_tensor_nvdec
+
+                self.report.decode_backend = "nvdec"
+                return decode_tensor_nvdec(enc, device=device, dtype=dtype)
+            self.report.decode_fallback_reason = reason
+        return decode_tensor(enc, device="cpu", dtype=dtype).to(device)
+
+    def decode_into(self, param_name: str, enc: EncodedTensor, device, dtype: torch.dtype) -> torch.Tensor:
+        """Return the buffer that will hold ``param_name``'s decoded weight.
+
+        The decode runs in the worker pool (one tensor per core) while the loader
+        goes on; :meth:`_process_model_after_weight_loading` waits for it. With
+        disk offload, or on NVDEC, it decodes right away.
+        """
+        device = torch.device(device)
+        if getattr(self, "_sync_decode", False) or device.type != "cpu":
+            return self.decode(enc, device, dtype)
+        out = torch.empty(enc.shape, dtype=dtype, device=device)
+
+        def job() -> None:
+            out.copy_(decode_tensor(enc, device="cpu", dtype=dtype, threads=1))
+
+        self._jobs[param_name] = self._executor("vc-decode").submit(job)
+        return out
+
+    def _executor(self, prefix: str) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix=prefix)
+        return self._pool
+
+    def _finish_decodes(self) -> None:
+        try:
+            for job in self._jobs.values():
+                job.result()  # re-raises a decode error, naming the tensor
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool, self._jobs = None, {}
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": VcDeserialize}
+
+    # --- after loading -----------------------------------------------------------------
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            self._finish_encodes(model)
+        else:
+            self._finish_decodes()
+            # our converter has no reverse op: drop it, or a later save_pretrained fails
+            model._weight_conversions = [
+                c for c in getattr(model, "_weight_conversions", []) if not _is_vc_converter(c)
+            ]
+        report = QuantizationReport(
+            decode_backend=self.report.decode_backend, decode_fallback_reason=self.report.decode_fallback_reason
+        )
+        for key, _, _, enc in encoded_params(model):
+            report.add(key, enc)
+        report.seconds = time.perf_counter() - self._started
+        self.report = report
+        model.vc_quant_report = report
+        verb = "decoded" if self.pre_quantized else "quantized"
+        logger.info(
+            "vc_quant: %s %d tensors (%.1f M values) at %.3f bits/weight all-in in %.1f s (decode: %s%s)",
+            verb, report.tensors, report.values / 1e6, report.bits_per_weight, report.seconds,
+            report.decode_backend,
+            f", fallback: {report.decode_fallback_reason}" if report.decode_fallback_reason else "",
+        )  # fmt: skip
+        return model
+
+    # --- saving -------------------------------------------------------------------------------
+    def get_state_dict_and_metadata(self, model):
+        state_dict = model.state_dict()
+        for key, _, _, enc in encoded_params(model):
+            state_dict.update(fmt.to_state_dict(key, enc))  # replaces the dense weight: no re-encode
+        return state_dict, {"vc_quant_format": str(fmt.FORMAT_VERSION)}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _is_vc_converter(conversion) -> bool:
+    return any(isinstance(op, VcDeserialize) for op in getattr(conversion, "operations", ()))
