@@ -153,10 +153,37 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check checksums and decode every tensor")
     v.add_argument("path")
     v.set_defaults(func=cmd_verify)
+    sub.add_parser("lm-eval", help="lm-eval harness with vc_quant imported; args go to lm-eval "
+                   "(--offline-tasks adds piqa_offline / wiki_offline)")  # fmt: skip
     return ap
 
 
+def run_lm_eval(argv: list[str]) -> int:
+    """lm-eval's own CLI with vc_quant imported (so ``pretrained=DST`` decodes on load).
+
+    ``--offline-tasks`` writes task configs for the offline PIQA / Wikipedia copies
+    (``piqa_offline``, ``wiki_offline``) and adds them with ``--include_path``.
+    """
+    from lm_eval.__main__ import cli_evaluate
+
+    import vc_quant  # noqa: F401 — registers the quantization method before lm-eval loads the model
+
+    if "--offline-tasks" in argv:
+        from vc_quant.evaluation import write_offline_tasks
+        from vc_quant.testing import asset_dir
+
+        argv = [a for a in argv if a != "--offline-tasks"]
+        folder = write_offline_tasks(asset_dir() / "lm_eval_tasks")
+        argv += ["--include_path", str(folder)]
+    sys.argv = ["lm-eval", *argv]
+    cli_evaluate()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        return run_lm_eval(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "urllib3", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,186 @@
+"""Rate–distortion sweep on a real model: FP reference, RTN baselines and vc_quant, one run.
+
+Every method quantizes the same decoder linear weights of the same model
+(embeddings/lm_head stay full precision), then each model is evaluated on the
+same text windows (perplexity, GPTQ protocol with BOS) and the same PIQA subset
+(lm-eval harness, offline copy of the validation split). Writes a markdown
+table, JSON and a PNG plot (perplexity vs all-in bits per weight).
+
+    python scripts/rd_sweep.py [--vc-bits 2.0 2.5 3.0 3.5] [--windows 16] [--seqlen 512]
+                               [--piqa-limit 500] [--out results/rd_sweep] [--only vc]
+
+RTN baselines: asymmetric, fp16 scale + fp16 min per group counted in bpw;
+4-bit g32 without rotation reproduces the Q4_1 grid SmolLM2 was shipped in
+(zero error) — it is run, flagged, and never used as a baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import vc_quant
+from vc_quant.evaluation import load_text, perplexity, write_offline_tasks
+from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
+from vc_quant.testing import asset_dir, smollm2_checkpoint
+
+logger = logging.getLogger("rd_sweep")
+
+
+def decoder_linears(model) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+
+
+class Evaluator:
+    def __init__(self, tok, text: str, args) -> None:
+        self.tok, self.text, self.args = tok, text, args
+        self.tasks = None
+        if args.piqa_limit:
+            from lm_eval.tasks import TaskManager
+
+            self.tasks = TaskManager(include_path=str(write_offline_tasks(asset_dir() / "lm_eval_tasks")))
+
+    def __call__(self, model) -> dict:
+        t0 = time.perf_counter()
+        ppl = perplexity(model, self.tok, self.text, self.args.seqlen, self.args.windows, bos=True)["ppl"]
+        out = {"ppl": ppl}
+        if self.tasks is not None:
+            from lm_eval import simple_evaluate
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=model, tokenizer=self.tok, batch_size=16, device="cpu")
+            res = simple_evaluate(model=lm, tasks=["piqa_offline"], limit=self.args.piqa_limit,
+                                  task_manager=self.tasks, verbosity="ERROR")  # fmt: skip
+            out["piqa_acc"] = res["results"]["piqa_offline"]["acc,none"]
+        out["eval_seconds"] = time.perf_counter() - t0
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="plain checkpoint (default: offline SmolLM2-135M fp32)")
+    ap.add_argument("--vc-bits", type=float, nargs="*", default=[2.0, 2.5, 3.0, 3.5])
+    ap.add_argument("--vc-config", default=None, help="preset file for the vc_quant runs")
+    ap.add_argument("--rtn-bits", type=int, nargs="*", default=[2, 3, 4])
+    ap.add_argument("--rtn-groups", type=int, nargs="*", default=[32, 64, 128])
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--text", default="wiki-offline", choices=["wiki-offline", "wikitext2"])
+    ap.add_argument("--piqa-limit", type=int, default=500, help="PIQA questions (0: skip PIQA)")
+    ap.add_argument("--only", choices=["fp", "rtn", "vc"], nargs="*", default=["fp", "rtn", "vc"])
+    ap.add_argument("--out", default="results/rd_sweep")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("transformers", "lm_eval", "urllib3", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    src = args.model or str(smollm2_checkpoint())
+    tok = AutoTokenizer.from_pretrained(src)
+    evaluate = Evaluator(tok, load_text(args.text), args)
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        logger.info("%-28s bpw %6.3f  ppl %10.2f  piqa %s", row["method"], row["bpw"], row["ppl"],
+                    f"{row['piqa_acc']:.3f}" if "piqa_acc" in row else "-")  # fmt: skip
+        (out / "rd_sweep.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    linears = decoder_linears(base)
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+    n_values = sum(w.numel() for w in original.values())
+
+    if "fp" in args.only:
+        record({"method": "FP (fp32 ref)", "family": "fp", "bpw": 16.0, "quantize_seconds": 0.0, **evaluate(base)})
+    if "rtn" in args.only:
+        for rot in (False, True):
+            for bits in args.rtn_bits:
+                for g in args.rtn_groups:
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        for n, m in linears.items():
+                            m.weight.copy_(rtn_quantize(original[n], bits, g, rotation=rot))
+                    q_s = time.perf_counter() - t0
+                    bpw = sum(rtn_bits_per_value(bits, g, w.shape[-1]) * w.numel() for w in original.values())
+                    artefact = bits == 4 and g == 32 and not rot
+                    record({"method": f"RTN {bits}b g{g}" + (" +rot" if rot else "")
+                            + (" (Q4_1 grid!)" if artefact else ""), "family": "rtn", "rotation": rot,
+                            "artefact": artefact, "bpw": bpw / n_values, "quantize_seconds": q_s,
+                            **evaluate(base)})  # fmt: skip
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(original[n])
+    del base
+    if "vc" in args.only:
+        for bits in args.vc_bits:
+            if args.vc_config:
+                cfg = vc_quant.VcQuantizationConfig.from_file(args.vc_config, bits=bits)
+            else:
+                cfg = vc_quant.VcQuantizationConfig(bits=bits)
+            t0 = time.perf_counter()
+            model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
+            q_s = time.perf_counter() - t0
+            rep = model.vc_quant_report
+            record({"method": f"vc_quant {bits}", "family": "vc", "target": bits, "bpw": rep.bits_per_weight,
+                    "quantize_seconds": q_s, "config": cfg.to_dict(), **evaluate(model)})  # fmt: skip
+            del model
+
+    write_markdown(rows, out / "rd_sweep.md", args, src)
+    plot(rows, out / "rd_sweep.png")
+    print((out / "rd_sweep.md").read_text())
+
+
+def write_markdown(rows: list[dict], path: Path, args, src: str) -> None:
+    lines = [
+        f"Model: `{src}`; all decoder linear weights quantized; text: {args.text}, "
+        f"{args.windows} windows x {args.seqlen} tokens (BOS first); PIQA: first {args.piqa_limit} of the "
+        "validation split (lm-eval, offline copy).",
+        "",
+        "| method | all-in bpw | perplexity | PIQA acc | quantize s | eval s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: ({"fp": 0, "rtn": 1, "vc": 2}[r["family"]], -r["bpw"])):
+        piqa = f"{r['piqa_acc']:.3f}" if "piqa_acc" in r else "-"
+        lines.append(f"| {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {piqa} | "
+                     f"{r['quantize_seconds']:.1f} | {r['eval_seconds']:.1f} |")  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list] = {}
+    for r in rows:
+        if r["family"] == "fp" or r.get("artefact"):
+            continue
+        key = "vc_quant" if r["family"] == "vc" else "RTN" + (" +rot" if r.get("rotation") else "")
+        series.setdefault(key, []).append((r["bpw"], r["ppl"]))
+    for key, pts in series.items():
+        pts.sort()
+        ax.plot(*zip(*pts, strict=True), "-o" if key == "vc_quant" else "x", label=key)
+    fp = [r for r in rows if r["family"] == "fp"]
+    if fp:
+        ax.axhline(fp[0]["ppl"], color="k", ls="--", label="full precision")
+    ax.set_yscale("log")
+    ax.set_xlabel("all-in bits per weight")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
