@@ -17,6 +17,7 @@ from vc_quant.format import QUANT_METHOD
 DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head", "embed_tokens", "wte", "wpe", "embed_positions"]
 _CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile")
 _DECODE_BACKENDS = ("auto", "cpu", "nvdec")
+_ALLOCATIONS = ("uniform", "fisher")
 
 
 class VcQuantizationConfig(QuantizationConfigMixin):
@@ -34,6 +35,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             or ``re.fullmatch``-es it sets that module's bits (``0`` = keep in full
             precision).
         min_numel: weights with fewer values stay in full precision.
+        allocation: ``"uniform"`` (every tensor at ``bits``) or ``"fisher"`` (equal-slope
+            allocation under the same average, weighted by the model's own Fisher
+            information on self-generated text; calibration-free; see
+            :mod:`vc_quant.allocation`). Tensors named in ``overrides`` keep their bits.
         decode_backend: ``"auto"`` (NVDEC on a CUDA device when available, else FFmpeg
             on the CPU), ``"cpu"`` or ``"nvdec"`` (fail if unavailable).
     """
@@ -51,6 +56,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,
         decode_backend: str = "auto",
+        allocation: str = "uniform",
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -66,6 +72,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         self.overrides = dict(overrides or {})
         self.min_numel = min_numel
         self.decode_backend = decode_backend
+        self.allocation = allocation
         self.format_version = format_version
         unknown = sorted(k for k in kwargs if k not in ("quant_method",))
         if unknown:
@@ -82,6 +89,8 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             )
         if self.decode_backend not in _DECODE_BACKENDS:
             raise VcConfigError(f"decode_backend={self.decode_backend!r}: expected one of {_DECODE_BACKENDS}")
+        if self.allocation not in _ALLOCATIONS:
+            raise VcConfigError(f"allocation={self.allocation!r}: expected one of {_ALLOCATIONS}")
         if not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise VcConfigError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
         if not isinstance(self.modules_to_not_convert, list) or not all(
@@ -107,12 +116,17 @@ class VcQuantizationConfig(QuantizationConfigMixin):
     def codec_options(self) -> CodecOptions:
         return CodecOptions(**{f: getattr(self, f) for f in _CODEC_FIELDS})
 
-    def bits_for(self, module_name: str) -> float:
-        """Bits for one module: the first matching override, else ``bits``."""
+    def override_for(self, module_name: str) -> float | None:
+        """Bits of the first override matching ``module_name``, or None."""
         for pattern, bits in self.overrides.items():
             if pattern == module_name or re.fullmatch(pattern, module_name):
                 return float(bits)
-        return float(self.bits)
+        return None
+
+    def bits_for(self, module_name: str) -> float:
+        """Bits for one module: the first matching override, else ``bits``."""
+        override = self.override_for(module_name)
+        return float(self.bits) if override is None else override
 
     def skip_list(self) -> list[str]:
         """Defaults merged with the user's ``modules_to_not_convert``."""

@@ -15,6 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from vc_quant import format as fmt
+from vc_quant.allocation import plan_bits
 from vc_quant.codec import EncodedTensor, decode_tensor, encode_tensor
 from vc_quant.codec.backends.nvcodec import nvdec_status
 from vc_quant.config import VcQuantizationConfig
@@ -67,6 +68,7 @@ class VcHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: dict[str, Future] = {}
+        self._deferred: list[str] = []
         self._started = 0.0
         self.modules_to_not_convert: list[str] = []
         self.report = QuantizationReport()
@@ -118,10 +120,19 @@ class VcHfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return VcQuantize(self)
 
-    def submit_encode(self, model, param_name: str, tensor: torch.Tensor) -> None:
-        """Queue one encode; the worker pool keeps all cores busy while loading goes on."""
+    def submit_encode(self, model, param_name: str, tensor: torch.Tensor, bits: float | None = None) -> None:
+        """Queue one encode; the worker pool keeps all cores busy while loading goes on.
+
+        With a model-wide allocation the encode waits until the whole model is
+        loaded (the allocation needs it); tensors with an override go at once.
+        """
+        config = self.quantization_config
         module_name = param_name.rpartition(".")[0]
-        bits = self.quantization_config.bits_for(module_name)
+        if bits is None:
+            if config.allocation != "uniform" and config.override_for(module_name) is None:
+                self._deferred.append(param_name)
+                return
+            bits = config.bits_for(module_name)
         options = self.quantization_config.codec_options()
         kwargs = {f: getattr(options, f) for f in ("codec", "preset", "rotation", "seed", "scale", "tile")}
         self._jobs[param_name] = self._executor("vc-encode").submit(
@@ -197,6 +208,12 @@ class VcHfQuantizer(HfQuantizer):
     # --- after loading -----------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
+            if self._deferred:
+                config = self.quantization_config
+                plan = plan_bits(model, self._deferred, config.bits, config.allocation)
+                for name, bits in plan.items():
+                    self.submit_encode(model, name, model.get_parameter(name), bits=bits)
+                self._deferred = []
             self._finish_encodes(model)
         else:
             self._finish_decodes()
