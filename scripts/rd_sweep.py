@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="plain checkpoint (default: offline SmolLM2-135M fp32)")
     ap.add_argument("--vc-bits", type=float, nargs="*", default=[2.0, 2.5, 3.0, 3.5])
     ap.add_argument("--vc-config", default=None, help="preset file for the vc_quant runs")
+    ap.add_argument("--vc-allocation", nargs="*", default=["fisher"], choices=["uniform", "fisher"])
+    ap.add_argument("--append", action="store_true", help="add rows to an existing rd_sweep.json in --out")
     ap.add_argument("--rtn-bits", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--rtn-groups", type=int, nargs="*", default=[32, 64, 128])
     ap.add_argument("--windows", type=int, default=16)
@@ -86,6 +88,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(src)
     evaluate = Evaluator(tok, load_text(args.text), args)
     rows: list[dict] = []
+    if args.append and (out / "rd_sweep.json").exists():
+        rows = json.loads((out / "rd_sweep.json").read_text())["rows"]
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -120,18 +124,20 @@ def main() -> None:
                 m.weight.copy_(original[n])
     del base
     if "vc" in args.only:
-        for bits in args.vc_bits:
-            if args.vc_config:
-                cfg = vc_quant.VcQuantizationConfig.from_file(args.vc_config, bits=bits)
-            else:
-                cfg = vc_quant.VcQuantizationConfig(bits=bits)
-            t0 = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
-            q_s = time.perf_counter() - t0
-            rep = model.vc_quant_report
-            record({"method": f"vc_quant {bits}", "family": "vc", "target": bits, "bpw": rep.bits_per_weight,
-                    "quantize_seconds": q_s, "config": cfg.to_dict(), **evaluate(model)})  # fmt: skip
-            del model
+        for allocation in args.vc_allocation:
+            for bits in args.vc_bits:
+                if args.vc_config:
+                    cfg = vc_quant.VcQuantizationConfig.from_file(args.vc_config, bits=bits, allocation=allocation)
+                else:
+                    cfg = vc_quant.VcQuantizationConfig(bits=bits, allocation=allocation)
+                t0 = time.perf_counter()
+                model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
+                q_s = time.perf_counter() - t0
+                rep = model.vc_quant_report
+                record({"method": f"vc_quant {bits} ({allocation})", "family": "vc", "target": bits,
+                        "allocation": allocation, "bpw": rep.bits_per_weight, "quantize_seconds": q_s,
+                        "config": cfg.to_dict(), **evaluate(model)})  # fmt: skip
+                del model
 
     write_markdown(rows, out / "rd_sweep.md", args, src)
     plot(rows, out / "rd_sweep.png")
@@ -165,11 +171,14 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["family"] == "fp" or r.get("artefact"):
             continue
-        key = "vc_quant" if r["family"] == "vc" else "RTN" + (" +rot" if r.get("rotation") else "")
+        if r["family"] == "vc":
+            key = f"vc_quant ({r.get('allocation', 'uniform')})"
+        else:
+            key = "RTN" + (" +rot" if r.get("rotation") else "")
         series.setdefault(key, []).append((r["bpw"], r["ppl"]))
     for key, pts in series.items():
         pts.sort()
-        ax.plot(*zip(*pts, strict=True), "-o" if key == "vc_quant" else "x", label=key)
+        ax.plot(*zip(*pts, strict=True), "-o" if key.startswith("vc_quant") else "x", label=key)
     fp = [r for r in rows if r["family"] == "fp"]
     if fp:
         ax.axhline(fp[0]["ppl"], color="k", ls="--", label="full precision")

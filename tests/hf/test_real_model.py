@@ -14,7 +14,9 @@ import vc_quant
 @pytest.mark.slow
 def test_smollm2_quantize_save_reload(smollm2_dir, tmp_path):
     # quantize only layers 0-9 to keep CI short (~25 s); the rest stays fp16
-    cfg = vc_quant.VcQuantizationConfig(bits=3.0, overrides={r"model\.layers\.([1-2][0-9])\..*": 0})
+    cfg = vc_quant.VcQuantizationConfig(
+        bits=3.0, allocation="uniform", overrides={r"model\.layers\.([1-2][0-9])\..*": 0}
+    )
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, quantization_config=cfg, dtype=torch.float16)
     report = model.vc_quant_report
     assert report.tensors == 70
