@@ -15,6 +15,7 @@ from vc_quant.errors import (
     VcQuantError,
 )
 from vc_quant.hf import register as _register
+from vc_quant.kv_cache import VcQuantizedCache
 
 __version__ = "0.1.0"
 _register()
@@ -29,6 +30,7 @@ __all__ = [
     "VcInputError",
     "VcQuantError",
     "VcQuantizationConfig",
+    "VcQuantizedCache",
     "__version__",
     "decode_tensor",
     "encode_tensor",

@@ -48,8 +48,15 @@ class CodecOptions:
     threads: int = 0
     tolerance: float = 0.03  # allowed |achieved - target| in all-in bits per value
     qp: int | None = None  # fixed QP (amplitude 1): bypasses rate control
+    # "search": probes + full encodes until the rate is within tolerance; "predict": one
+    # encode at the model-predicted step shifted by ``step_offset`` (callers that encode
+    # many similar tensors, e.g. KV-cache blocks, learn the offset from earlier rates)
+    rate_control: str = "search"
+    step_offset: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.rate_control not in ("search", "predict"):
+            raise VcConfigError(f"rate_control={self.rate_control!r}: expected 'search' or 'predict'")
         if self.scale not in ("tensor", "row"):
             raise VcConfigError(f"scale={self.scale!r}: expected 'tensor' or 'row'")
         if not isinstance(self.rotation, bool):
@@ -263,11 +270,11 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
 
     # Small tensors: headers, scales and the smallest legal frame cost more than the
     # budget, so no rate can be hit; encode once at the step a large tensor would use.
-    if side_bits / numel > 0.25 * target or numel < _MIN_RATE_CONTROLLED:
-        qp, amp = knobs(e_start)
+    if side_bits / numel > 0.25 * target or numel < _MIN_RATE_CONTROLLED or opts.rate_control == "predict":
+        qp, amp = knobs(min(max(e_start + opts.step_offset, e_bounds[0]), e_bounds[1]))
         center, step = tf.pixel_map(x, amp, p.per_row)
         enc = _record(p, _encode_at(p, x, layout, qp, center, step), center, step, qp)
-        enc.stats = {"full_encodes": 1, "amplitude": amp, "rate_controlled": False}
+        enc.stats = {"full_encodes": 1, "amplitude": amp, "rate_controlled": False, "target": target}
         return enc
 
     sample_rows, sample_shape = _sample_plan(rows, cols, rotate)

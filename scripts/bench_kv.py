@@ -1,0 +1,179 @@
+"""KV-cache benchmark: quality with chunked prefill, memory, and decode speed, one run.
+
+A prefill-only forward never reads compressed K/V, so perplexity is measured with
+chunked prefill: each window is fed ``--chunk`` tokens at a time, so later chunks
+attend to earlier chunks through the cache (and its codec).
+
+Caches: DynamicCache (reference), an RTN cache of our own (transformers'
+QuantizedLayer machinery, KIVI-style: keys per channel, values per token, groups of
+64, asymmetric; HQQ/quanto do not install here) at 2 and 4 bits, and
+VcQuantizedCache at 2/3/4 bits, all with the same residual window.
+
+    python scripts/bench_kv.py [--windows 2] [--seqlen 1024] [--chunk 128] [--residual 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import Cache, QuantizedLayer
+
+import vc_quant
+from vc_quant.evaluation import load_text, token_windows
+from vc_quant.testing import smollm2_checkpoint
+
+
+class RTNLayer(QuantizedLayer):
+    """Asymmetric round-to-nearest groups along ``axis`` (a KIVI-style baseline)."""
+
+    def _quantize(self, tensor, axis):
+        x = tensor.float().movedim(-1 if axis == -1 else -2, -1)
+        shape = x.shape
+        g = x.reshape(-1, self.q_group_size)
+        lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+        scale = ((hi - lo) / (2**self.nbits - 1)).clamp_min(1e-8)
+        q = ((g - lo) / scale).round().clamp(0, 2**self.nbits - 1).to(torch.uint8)
+        return q, scale.half(), lo.half(), shape, axis, tensor.dtype
+
+    def _dequantize(self, packed):
+        q, scale, lo, shape, axis, dtype = packed
+        x = (q.float() * scale.float() + lo.float()).reshape(shape)
+        return x.movedim(-1, -1 if axis == -1 else -2).to(dtype)
+
+    def nbytes(self) -> int:
+        total = 0
+        for packed in (self._quantized_keys, self._quantized_values):
+            if packed is not None:
+                q, scale, lo = packed[:3]
+                total += q.numel() * self.nbits // 8 + scale.numel() * 2 + lo.numel() * 2
+        if self.is_initialized and self.keys.dim() == 4:
+            total += 2 * self.keys.numel() * self.keys.element_size()
+        return total
+
+
+class RTNCache(Cache):
+    def __init__(self, config, nbits: int, residual_length: int):
+        n = config.get_text_config(decoder=True).num_hidden_layers
+        # keys per channel (axis -2 groups run along tokens), values per token (groups along channels)
+        layers = [RTNLayer(nbits=nbits, axis_key=0, axis_value=-1, q_group_size=64, residual_length=residual_length)
+                  for _ in range(n)]  # fmt: skip
+        super().__init__(layers=layers)
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"total": sum(layer.nbytes() for layer in self.layers)}
+
+
+def make_cache(name: str, config, args):
+    if name == "dynamic":
+        return DynamicCache(config=config)
+    kind, bits = name.split("-")
+    if kind == "rtn":
+        return RTNCache(config, int(bits), args.residual)
+    return vc_quant.VcQuantizedCache(config, bits=float(bits), residual_length=args.residual,
+                                     block_tokens=args.block)  # fmt: skip
+
+
+def fp16_bytes(cache, config) -> int:
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * cache.get_seq_length()
+
+
+def memory(cache) -> int:
+    if isinstance(cache, DynamicCache):
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in cache.layers)
+    return cache.memory_bytes()["total"]
+
+
+@torch.no_grad()
+def chunked_ppl(model, windows, name, args) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        cache = make_cache(name, model.config, args)
+        logits = []
+        for i in range(0, w.numel(), args.chunk):
+            logits.append(model(w[None, i : i + args.chunk], past_key_values=cache, use_cache=True).logits[0])
+        logp = torch.log_softmax(torch.cat(logits)[:-1].float(), -1)
+        nll += float(-logp.gather(-1, w[1:, None]).sum())
+        count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def prefill(model, ids, cache, chunk):
+    for i in range(0, ids.shape[1], chunk):
+        out = model(ids[:, i : i + chunk], past_key_values=cache, use_cache=True)
+    return out
+
+
+@torch.no_grad()
+def decode_speed(model, ids, name, args) -> float:
+    cache = make_cache(name, model.config, args)
+    out = prefill(model, ids, cache, 512)
+    token = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(args.decode_tokens):
+        out = model(token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return args.decode_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--caches", nargs="*", default=["dynamic", "rtn-2", "rtn-4", "vc-2.0", "vc-3.0", "vc-4.0"])
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--residual", type=int, default=128)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--memory-tokens", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--memory-dtype", default="bfloat16", help="model dtype for the memory runs (16-bit residuals)")
+    ap.add_argument("--out", default="results/kv")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = str(smollm2_checkpoint())
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    mem_model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, args.memory_dtype)).eval()
+    tok = AutoTokenizer.from_pretrained(src)
+    text = load_text("wiki-offline")
+    windows = token_windows(tok, text, args.seqlen, args.windows, bos=True)
+    long_ids = token_windows(tok, text, max(args.memory_tokens), 1, bos=True)
+    rows = []
+    for name in args.caches:
+        t0 = time.perf_counter()
+        row = {"cache": name, "ppl": chunked_ppl(model, windows, name, args)}
+        row["ppl_seconds"] = time.perf_counter() - t0
+        for n in args.memory_tokens:
+            cache = make_cache(name, model.config, args)
+            prefill(mem_model, long_ids[:, :n], cache, 512)
+            row[f"bytes_{n}"] = memory(cache)
+            row[f"fp16_ratio_{n}"] = fp16_bytes(cache, model.config) / row[f"bytes_{n}"]
+            if name.startswith("vc"):
+                row[f"bits_per_element_{n}"] = cache.compressed_bits_per_element()
+        row["decode_tokens_per_s"] = decode_speed(model, long_ids[:, : args.memory_tokens[0]], name, args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "bench_kv.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    ref = next((r for r in rows if r["cache"] == "dynamic"), None)
+    lines = ["| cache | ppl (chunked prefill) | Δppl vs Dynamic | " + " | ".join(
+        f"memory @{n} (x smaller than fp16)" for n in args.memory_tokens) + " | decode tok/s | vs Dynamic |",
+        "|---" * (5 + len(args.memory_tokens)) + "|"]  # fmt: skip
+    for r in rows:
+        d = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if ref else "-"
+        mem = " | ".join(f"{r[f'bytes_{n}'] / 1e6:.2f} MB ({r[f'fp16_ratio_{n}']:.1f}x)" for n in args.memory_tokens)
+        speed = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}" if ref else "-"
+        lines.append(f"| {r['cache']} | {r['ppl']:.3f} | {d} | {mem} | {r['decode_tokens_per_s']:.2f} | {speed} |")
+    (out / "bench_kv.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
