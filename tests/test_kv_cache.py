@@ -29,7 +29,7 @@ def test_old_tokens_are_compressed_in_blocks_with_bounded_error():
     assert layer.compressed_tokens() == 64 and layer.keys.shape[-2] == 36
     k2, v2 = states(t=1, seed=3)
     out_k, out_v = layer.update(k2, v2)
-    assert out_k.shape == (2, 3, 101, 64)
+    assert out_k.shape == out_v.shape == (2, 3, 101, 64)
     assert torch.equal(out_k[..., 64:100, :], k[..., 64:, :])  # residual exact
     rel = ((out_k[..., :64, :] - k[..., :64, :]) ** 2).sum() / (k[..., :64, :] ** 2).sum()
     assert rel < 0.03  # measured ~0.01 for Gaussian states at 4 bits
