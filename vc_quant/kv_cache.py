@@ -45,14 +45,22 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
     # --- codec ---------------------------------------------------------------------------
     def _quantize(self, tensor: torch.Tensor, stream: str = "keys") -> EncodedTensor:
-        """One encode per block at the predicted step; the miss corrects the next block's step."""
+        """One encode per block at the predicted step; the miss corrects the next block's step.
+
+        The per-(sequence, head, channel) mean over the block's tokens is removed first
+        and kept in fp16 (keys carry large constant offsets on a few channels; left in,
+        they would set the pixel range and waste levels).
+        """
         b, h, t, d = tensor.shape
+        mean = tensor.float().mean(dim=-2, keepdim=True).to(torch.float16)
+        centred = tensor.float() - mean.float()
         enc = encode_tensor(
-            tensor.reshape(b * h * t, d), self.bits, name=f"kv {stream} block", rate_control="predict",
+            centred.reshape(b * h * t, d), self.bits, name=f"kv {stream} block", rate_control="predict",
             step_offset=self._step_offset[stream], **self.codec,
         )  # fmt: skip
-        # about one bit per unit of log2 step: move the step by the rate error
-        self._step_offset[stream] += 0.9 * (enc.bits_per_value - self.bits)
+        enc.stats["channel_mean"] = mean
+        # about one bit per unit of log2 step: move the step by the rate error (means counted)
+        self._step_offset[stream] += 0.9 * (_block_bits(enc) - self.bits)
         enc.stats["block_shape"] = (b, h, t, d)
         return enc
 
@@ -66,8 +74,9 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         frames = backend.decode(packets, layout.width, layout.height)
         parts = []
         for enc, frame in zip(blocks, frames, strict=True):
-            x = reconstruct(enc, [torch.from_numpy(frame)], device=self.device, dtype=self.dtype)
-            parts.append(x.reshape(enc.stats["block_shape"]))
+            x = reconstruct(enc, [torch.from_numpy(frame)], device=self.device, dtype=torch.float32)
+            x = x.reshape(enc.stats["block_shape"]) + enc.stats["channel_mean"].to(self.device, torch.float32)
+            parts.append(x.to(self.dtype))
         return torch.cat(parts, dim=-2)
 
     # --- cache protocol ------------------------------------------------------------------
@@ -126,11 +135,21 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         return sum(e.stats["block_shape"][2] for e in self._key_blocks)
 
     def memory_bytes(self) -> dict[str, int]:
-        compressed = sum(e.nbytes for e in self._key_blocks + self._value_blocks)
+        compressed = sum(_block_bytes(e) for e in self._key_blocks + self._value_blocks)
         residual = 0
         if self.is_initialized:
             residual = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
         return {"compressed": compressed, "residual": residual}
+
+
+def _block_bytes(enc: EncodedTensor) -> int:
+    """Stored bytes of one block: the codec record plus its fp16 channel means."""
+    mean = enc.stats["channel_mean"]
+    return enc.nbytes + mean.numel() * mean.element_size()
+
+
+def _block_bits(enc: EncodedTensor) -> float:
+    return 8.0 * _block_bytes(enc) / enc.numel
 
 
 class VcQuantizedCache(Cache):
