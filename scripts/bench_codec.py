@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from plotting import finish_log_plot  # scripts/plotting.py
 from safetensors.torch import load_file
 
 from vc_quant import decode_tensor, encode_tensor
@@ -180,14 +181,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(*zip(*pts, strict=True), style, label=key)
     xs = np.linspace(1.5, 5, 50)
     ax.plot(xs, 2.0 ** (-2 * xs), "k--", label="Gaussian bound $2^{-2R}$")
-    ax.set_yscale("log")
-    ax.set_xlabel("all-in bits per weight")
-    ax.set_ylabel("relative MSE")
-    ax.set_title("SmolLM2-135M weight matrices: rate–distortion")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_log_plot(fig, ax, "relative MSE", path, "SmolLM2-135M weight matrices: rate–distortion")
 
 
 if __name__ == "__main__":

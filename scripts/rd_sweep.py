@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from plotting import finish_log_plot  # scripts/plotting.py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vc_quant
@@ -182,13 +183,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fp = [r for r in rows if r["family"] == "fp"]
     if fp:
         ax.axhline(fp[0]["ppl"], color="k", ls="--", label="full precision")
-    ax.set_yscale("log")
-    ax.set_xlabel("all-in bits per weight")
-    ax.set_ylabel("perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    finish_log_plot(fig, ax, "perplexity", path)
 
 
 if __name__ == "__main__":
