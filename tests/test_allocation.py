@@ -41,3 +41,12 @@ def test_fisher_allocation_on_load_keeps_the_budget(tiny_src):
     others = {k: v for k, v in per.items() if k != "model.layers.0.mlp.up_proj.weight"}
     rates = [v["bpw"] for v in others.values()]
     assert max(rates) - min(rates) > 0.3  # not uniform
+
+
+def test_fisher_on_a_half_model_restores_dtype_and_weights(tiny_src):
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher_sensitivity(model, ["model.layers.0.mlp.down_proj.weight"], n_seqs=1, seqlen=8)
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float16 and torch.equal(p, before[n])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

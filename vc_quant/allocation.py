@@ -77,6 +77,24 @@ def fisher_sensitivity(
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
+    # half-precision matmuls are very slow on CPUs: run the pass in fp32 and cast back
+    # (fp16/bf16 -> fp32 -> fp16/bf16 is exact, so the weights are unchanged)
+    dtypes = {p: p.dtype for p in model.parameters()}
+    upcast = next(model.parameters()).device.type == "cpu" and any(
+        d in (torch.float16, torch.bfloat16) for d in dtypes.values()
+    )
+    if upcast:
+        for p in dtypes:
+            p.data = p.data.float()
+    try:
+        return _fisher(model, param_names, n_seqs, seqlen, seed, t0, was_training)
+    finally:
+        if upcast:
+            for p, d in dtypes.items():
+                p.data = p.data.to(d)
+
+
+def _fisher(model, param_names, n_seqs, seqlen, seed, t0, was_training) -> dict[str, float]:
     seqs = _sample_sequences(model, n_seqs, seqlen, seed)
     params = {n: model.get_parameter(n) for n in param_names}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
