@@ -1,4 +1,5 @@
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import vc_quant
