@@ -115,8 +115,12 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         if self.codec not in available_backends():
             raise VcConfigError(f"codec={self.codec!r}: expected one of {available_backends()}")
 
+    def codec_kwargs(self) -> dict[str, Any]:
+        """The tensor-codec options of this config, as ``encode_tensor`` keyword arguments."""
+        return {f: getattr(self, f) for f in _CODEC_FIELDS}
+
     def codec_options(self) -> CodecOptions:
-        return CodecOptions(**{f: getattr(self, f) for f in _CODEC_FIELDS})
+        return CodecOptions(**self.codec_kwargs())
 
     def override_for(self, module_name: str) -> float | None:
         """Bits of the first override matching ``module_name``, or None."""

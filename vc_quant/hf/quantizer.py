@@ -69,6 +69,7 @@ class VcHfQuantizer(HfQuantizer):
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: dict[str, Future] = {}
         self._deferred: list[str] = []
+        self._sync_decode = False  # set by validate_environment (disk offload)
         self._started = 0.0
         self.modules_to_not_convert: list[str] = []
         self.report = QuantizationReport()
@@ -133,10 +134,8 @@ class VcHfQuantizer(HfQuantizer):
                 self._deferred.append(param_name)
                 return
             bits = config.bits_for(module_name)
-        options = self.quantization_config.codec_options()
-        kwargs = {f: getattr(options, f) for f in ("codec", "preset", "rotation", "seed", "scale", "tile")}
         self._jobs[param_name] = self._executor("vc-encode").submit(
-            encode_tensor, tensor.detach().to("cpu"), bits, name=param_name, **kwargs
+            encode_tensor, tensor.detach().to("cpu"), bits, name=param_name, **config.codec_kwargs()
         )
 
     def _finish_encodes(self, model) -> None:
@@ -175,7 +174,7 @@ class VcHfQuantizer(HfQuantizer):
         disk offload, or on NVDEC, it decodes right away.
         """
         device = torch.device(device)
-        if getattr(self, "_sync_decode", False) or device.type != "cpu":
+        if self._sync_decode or device.type != "cpu":
             return self.decode(enc, device, dtype)
         out = torch.empty(enc.shape, dtype=dtype, device=device)
 
