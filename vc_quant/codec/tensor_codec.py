@@ -200,6 +200,12 @@ def _encode_at(p: _Prepared, x: torch.Tensor, layout: fr.FrameLayout, qp: int, c
     return p.backend.encode(frames, qp, p.settings)
 
 
+def _encode_full(p: _Prepared, qp: int, amplitude: float) -> EncodedTensor:
+    """Map the whole tensor to pixels at ``amplitude``, encode at ``qp``, build the record."""
+    center, step = tf.pixel_map(p.x, amplitude, p.per_row)
+    return _record(p, _encode_at(p, p.x, p.layout, qp, center, step), center, step, qp)
+
+
 def _record(p: _Prepared, packets: list[bytes], center, step, qp: int) -> EncodedTensor:
     bitstream = torch.frombuffer(bytearray(b"".join(packets)), dtype=torch.uint8)
     meta = dict(p.meta, frame_bytes=[len(b) for b in packets], qp=qp)
@@ -241,8 +247,7 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     if opts.qp is not None:
         if not (backend.qp_min <= opts.qp <= backend.qp_max):
             raise VcConfigError(f"{name}: qp={opts.qp} outside [{backend.qp_min}, {backend.qp_max}] for {opts.codec}")
-        center, step = tf.pixel_map(x, 1.0, p.per_row)
-        enc = _record(p, _encode_at(p, x, layout, opts.qp, center, step), center, step, opts.qp)
+        enc = _encode_full(p, opts.qp, 1.0)
         enc.stats = {"full_encodes": 1, "amplitude": 1.0, "rate_controlled": False}
         return enc
 
@@ -272,8 +277,7 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     # budget, so no rate can be hit; encode once at the step a large tensor would use.
     if side_bits / numel > 0.25 * target or numel < _MIN_RATE_CONTROLLED or opts.rate_control == "predict":
         qp, amp = knobs(min(max(e_start + opts.step_offset, e_bounds[0]), e_bounds[1]))
-        center, step = tf.pixel_map(x, amp, p.per_row)
-        enc = _record(p, _encode_at(p, x, layout, qp, center, step), center, step, qp)
+        enc = _encode_full(p, qp, amp)
         enc.stats = {"full_encodes": 1, "amplitude": amp, "rate_controlled": False, "target": target}
         return enc
 
@@ -296,9 +300,7 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
         if not full_qp or not 0.5 <= 2.0 ** (backend.log2_step(full_qp[0]) - e) <= 1.0:
             full_qp[:] = [knobs(e)[0]]
         qp = full_qp[0]
-        amp = min(1.0, 2.0 ** (backend.log2_step(qp) - e))
-        center, step = tf.pixel_map(x, amp, p.per_row)
-        enc = _record(p, _encode_at(p, x, layout, qp, center, step), center, step, qp)
+        enc = _encode_full(p, qp, min(1.0, 2.0 ** (backend.log2_step(qp) - e)))
         return Trial(e, enc.bits_per_value, enc)
 
     best, trials = search_rate(sample_rate, full_encode, target, e_start, opts.tolerance, e_bounds)
