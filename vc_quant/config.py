@@ -115,6 +115,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         if self.codec not in available_backends():
             raise VcConfigError(f"codec={self.codec!r}: expected one of {available_backends()}")
 
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Fields a config passed to ``from_pretrained`` of a compressed checkpoint may change."""
+        return {"decode_backend": self.decode_backend}
+
     def codec_kwargs(self) -> dict[str, Any]:
         """The tensor-codec options of this config, as ``encode_tensor`` keyword arguments."""
         return {f: getattr(self, f) for f in _CODEC_FIELDS}

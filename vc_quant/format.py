@@ -36,11 +36,14 @@ def to_state_dict(key: str, enc: EncodedTensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_state_dict(key: str, tensors: dict[str, torch.Tensor]) -> EncodedTensor:
-    """Rebuild and verify the record of ``key`` from its stored entries (raises on corruption)."""
+def from_state_dict(key: str, tensors: dict[str, torch.Tensor], verify: bool = True) -> EncodedTensor:
+    """Rebuild and verify the record of ``key`` from its stored entries (raises on corruption).
+
+    ``verify=False`` leaves the checksum to the caller (the loader runs it in its
+    decode workers, off the loading thread)."""
     record = {"bitstream": tensors[key]}
     record.update({field: tensors[key + suffix] for field, suffix in COMPANIONS.items() if key + suffix in tensors})
-    return EncodedTensor.from_dict(record, name=key)
+    return EncodedTensor.from_dict(record, name=key, verify=verify)
 
 
 def is_quantized_key(key: str, keys: set[str] | dict) -> bool:

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import vc_quant
 from vc_quant import VcQuantizationConfig
+from vc_quant.errors import VcCorruptDataError
 
 IDS = torch.tensor([[1, 2, 3, 4, 5]])
 
@@ -144,16 +145,16 @@ def test_config_round_trips_through_dict():
     assert again.to_dict() == cfg.to_dict()
 
 
-def test_corrupted_shard_raises_naming_the_tensor(tiny_quantized, copy_dir, caplog):
+def test_corrupted_shard_raises_naming_the_tensor(tiny_quantized, copy_dir):
     path = copy_dir(tiny_quantized[0])
     sd = load_file(str(path / "model.safetensors"))
     key = "model.layers.1.self_attn.o_proj.weight"
     sd[key] = sd[key].clone()
     sd[key][100] ^= 0xFF
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(RuntimeError):
+    # checked in the decode worker, before anything is decoded; re-raised when loading ends
+    with pytest.raises(VcCorruptDataError, match=f"{key}: checksum mismatch"):
         AutoModelForCausalLM.from_pretrained(path)
-    assert f"{key}: checksum mismatch" in caplog.text
 
 
 def test_loading_without_import_fails_loudly(tiny_quantized):
@@ -177,3 +178,15 @@ def test_register_is_idempotent():
 
     assert AUTO_QUANTIZER_MAPPING["vc"].__name__ == "VcHfQuantizer"
     assert vc_quant.VcQuantizationConfig is not None
+
+
+def test_load_time_config_sets_the_decode_backend(tiny_quantized):
+    """Only loading attributes of a config passed with a compressed checkpoint apply (bits do not)."""
+    path, ref = tiny_quantized
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=VcQuantizationConfig(bits=6, decode_backend="cpu")
+    )
+    config = model.hf_quantizer.quantization_config
+    assert config.decode_backend == "cpu" and config.bits == 3
+    with torch.no_grad():
+        assert torch.allclose(model(IDS).logits, ref, atol=1e-4)

@@ -124,6 +124,11 @@ def pack(mat: torch.Tensor, layout: FrameLayout) -> list[torch.Tensor]:
 
 def unpack(frames: list[torch.Tensor], layout: FrameLayout) -> torch.Tensor:
     """Inverse of :func:`pack` (frames may live on any device)."""
+    return canvas_to_matrix(frames_to_canvas(frames, layout), layout)
+
+
+def frames_to_canvas(frames: list[torch.Tensor], layout: FrameLayout) -> torch.Tensor:
+    """yuv420p frames → the ``(n_frames·1.5H, W)`` canvas (luma rows, then ``[U | V]`` rows)."""
     w, h = layout.width, layout.height
     if len(frames) != layout.n_frames:
         raise VcConfigError(f"unpack: got {len(frames)} frames, layout expects {layout.n_frames}")
@@ -134,7 +139,24 @@ def unpack(frames: list[torch.Tensor], layout: FrameLayout) -> torch.Tensor:
         u = flat[h * w : h * w + h * w // 4].reshape(h // 2, w // 2)
         v = flat[h * w + h * w // 4 :].reshape(h // 2, w // 2)
         parts += [y, torch.cat([u, v], dim=1)]
-    canvas = torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=0)
+
+
+def nv12_into_canvas(nv12: torch.Tensor, canvas: torch.Tensor, index: int, layout: FrameLayout) -> None:
+    """Copy frame ``index`` from an NV12 surface (Y rows, then interleaved U/V) into the canvas.
+
+    The GPU decoder's native output: two copies per frame, no planar intermediate.
+    """
+    w, h = layout.width, layout.height
+    base = index * (h * 3 // 2)
+    canvas[base : base + h].copy_(nv12[:h])
+    # chroma row r: [U_r | V_r] in the canvas, U_r[i] = uv[r, i, 0], V_r[i] = uv[r, i, 1]
+    uv = nv12[h:].reshape(h // 2, w // 2, 2).permute(0, 2, 1)
+    canvas[base + h : base + h * 3 // 2].view(h // 2, 2, w // 2).copy_(uv)
+
+
+def canvas_to_matrix(canvas: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
+    """The canvas → the ``(rows, cols)`` uint8 matrix (undo strips / row grouping / padding)."""
     if layout.strips > 1:
         strip_w = math.ceil(layout.cols / layout.strips)
         strips = canvas[: layout.canvas_rows, :strip_w].split(layout.rows, dim=0)

@@ -114,7 +114,8 @@ class EncodedTensor:
         return {"bitstream": self.bitstream, "center": self.center, "step": self.step, "meta": meta}
 
     @classmethod
-    def from_dict(cls, d: dict[str, torch.Tensor], name: str = "tensor") -> EncodedTensor:
+    def from_dict(cls, d: dict[str, torch.Tensor], name: str = "tensor", verify: bool = True) -> EncodedTensor:
+        """Rebuild a stored record; ``verify=False`` defers the checksum to :meth:`verify`."""
         missing = {"bitstream", "center", "step", "meta"} - set(d)
         if missing:
             raise VcCorruptDataError(f"{name}: stored record lacks {sorted(missing)}")
@@ -123,7 +124,8 @@ class EncodedTensor:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise VcCorruptDataError(f"{name}: metadata is not valid JSON ({exc})") from exc
         enc = cls(d["bitstream"], d["center"], d["step"], meta)
-        enc.verify(name)
+        if verify:
+            enc.verify(name)
         return enc
 
     def verify(self, name: str = "tensor") -> None:
@@ -150,7 +152,7 @@ def _dump_meta(meta: dict) -> bytes:
 def _checksum(enc: EncodedTensor) -> int:
     crc = 0
     for t in (enc.bitstream, enc.center, enc.step):
-        crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes(), crc)
+        crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)  # no copy
     meta = {k: v for k, v in enc.meta.items() if k != "crc32"}
     return zlib.crc32(_dump_meta(meta), crc)
 
@@ -366,11 +368,15 @@ def decode_frames(enc: EncodedTensor, threads: int | None = None) -> list[torch.
 
 def reconstruct(enc: EncodedTensor, frames: list[torch.Tensor], device=None, dtype=None) -> torch.Tensor:
     """Frames (any device) → the dequantised, un-rotated tensor."""
-    meta = enc.meta
-    layout = fr.FrameLayout.from_dict(meta["layout"])
+    layout = fr.FrameLayout.from_dict(enc.meta["layout"])
     device = torch.device(device) if device is not None else frames[0].device
-    pixels = fr.unpack([f.to(device) for f in frames], layout)
-    x = tf.from_pixels(pixels, enc.center.to(device), enc.step.to(device), torch.float32)
+    return pixels_to_tensor(enc, fr.unpack([f.to(device) for f in frames], layout), dtype)
+
+
+def pixels_to_tensor(enc: EncodedTensor, pixels: torch.Tensor, dtype=None) -> torch.Tensor:
+    """The decoded uint8 ``(rows, cols)`` matrix → the tensor (on the pixels' device)."""
+    meta = enc.meta
+    x = tf.from_pixels(pixels, enc.center, enc.step, torch.float32)
     if meta["rotation_seed"] is not None:
         x = tf.unrotate(x, meta["rotation_seed"])
     out_dtype = dtype or _FLOAT_DTYPES.get(meta["dtype"], torch.float32)

@@ -64,6 +64,13 @@ def _rotation_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | N
     return signs, q
 
 
+@lru_cache(maxsize=64)
+def _factors_on(n: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """The rotation factors copied once per device/dtype (decode on GPU reuses them)."""
+    signs, q = _rotation_factors(n, seed)
+    return signs.to(device, dtype), (q.to(device, dtype) if q is not None else None)
+
+
 def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Apply the seeded rotation along the last dim of a float tensor."""
     n = x.shape[-1]
@@ -84,13 +91,13 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """Exact inverse of :func:`rotate` (up to float rounding)."""
     n = y.shape[-1]
-    signs, q = _rotation_factors(n, seed)
+    signs, q = _factors_on(n, seed, y.device, y.dtype)
     m, p = split_pow2(n)
     x = y.reshape(*y.shape[:-1], m, p)
     if q is not None:
-        x = torch.matmul(q.t().to(y.device, y.dtype), x)
+        x = torch.matmul(q.t(), x)
     x = fwht(x).reshape(y.shape)  # the orthonormal WHT is its own inverse
-    return x * signs.to(y.device, y.dtype)
+    return x * signs
 
 
 def pixel_map(x: torch.Tensor, amplitude: float, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,4 +132,7 @@ def from_pixels(
     pixels: torch.Tensor, center: torch.Tensor, step: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of :func:`to_pixels` (up to the rounding to whole pixels)."""
-    return (pixels.to(dtype) - PIXEL_ZERO) * step.to(dtype) + center.to(dtype)
+    if center.numel() == 1 and step.numel() == 1:  # one map per tensor: no host-to-device copies
+        c, s = float(center.to(dtype).reshape(())), float(step.to(dtype).reshape(()))
+        return (pixels.to(dtype) - PIXEL_ZERO) * s + c
+    return (pixels.to(dtype) - PIXEL_ZERO) * step.to(pixels.device, dtype) + center.to(pixels.device, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -22,6 +23,12 @@ def register() -> None:
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not VcHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(VcHfQuantizer)
+    # Let a config passed to from_pretrained of a compressed checkpoint set how it is
+    # decoded (decode_backend): transformers honours load-time attributes only for the
+    # config types listed here, and ignores (with a warning) every other field.
+    types = getattr(hf_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and VcQuantizationConfig not in types:
+        hf_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, VcQuantizationConfig)
 
 
 __all__ = ["VcHfQuantizer", "VcQuantizationConfig", "register"]

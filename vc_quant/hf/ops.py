@@ -61,14 +61,15 @@ class VcDeserialize(_QuantizerOp):
             if stored.is_floating_point() and stored.dtype != target.dtype:
                 stored = stored.to(target.dtype)
             return {full_layer_name: stored}
-        # bitstreams are parsed on the host (FFmpeg and NVDEC both read host memory)
+        # the loader left them on the host (force_cpu): FFmpeg and NVDEC read host memory
         renamed = {full_layer_name + name.removeprefix(param): t.cpu() for name, t in tensors.items()}
-        enc = fmt.from_state_dict(full_layer_name, renamed)
+        enc = fmt.from_state_dict(full_layer_name, renamed, verify=False)  # checksummed by the decode job
         if tuple(enc.shape) != tuple(target.shape):
             raise ValueError(
                 f"{full_layer_name}: stored shape {tuple(enc.shape)} does not match the model's {tuple(target.shape)}"
             )
         module._vc_encoded = {**getattr(module, "_vc_encoded", {}), param: enc}
         # decoded by the quantizer's worker pool into this buffer; waited for after loading
-        dense = self.hf_quantizer.decode_into(full_layer_name, enc, device=stored.device, dtype=target.dtype)
+        device = self.hf_quantizer.target_device(full_layer_name)
+        dense = self.hf_quantizer.decode_into(full_layer_name, enc, device=device, dtype=target.dtype)
         return {full_layer_name: dense}

@@ -17,7 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from vc_quant import format as fmt
 from vc_quant.allocation import plan_bits
 from vc_quant.codec import EncodedTensor, decode_tensor, encode_tensor
-from vc_quant.codec.backends.nvcodec import nvdec_status
+from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_tensor_nvdec, nvdec_status
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError
 from vc_quant.hf.ops import VcDeserialize, VcQuantize
@@ -67,15 +67,19 @@ class VcHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: VcQuantizationConfig, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
         self._pool: ThreadPoolExecutor | None = None
+        self._nvdec_pool: NvdecDecoderPool | None = None
         self._jobs: dict[str, Future] = {}
         self._deferred: list[str] = []
         self._sync_decode = False  # set by validate_environment (disk offload)
+        self._device_map: dict | None = None
         self._started = 0.0
         self.modules_to_not_convert: list[str] = []
         self.report = QuantizationReport()
 
     # --- environment and planning -------------------------------------------------
     def validate_environment(self, device_map=None, **kwargs) -> None:
+        # called with the user's map, and again with the inferred one for "auto"/"balanced"
+        self._device_map = device_map if isinstance(device_map, dict) else None
         # disk offload writes each param as soon as it is loaded: decode synchronously then
         self._sync_decode = isinstance(device_map, dict) and "disk" in device_map.values()
         if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
@@ -84,9 +88,9 @@ class VcHfQuantizer(HfQuantizer):
                 "(`vc-quant compress SRC DST`), then load DST with device_map"
             )
         if self.quantization_config.decode_backend == "nvdec":
-            ok, reason = nvdec_status()
-            if not ok:
-                raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {reason}")
+            status = nvdec_status()
+            if not status:
+                raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {status.reason}")
 
     def update_dtype(self, dtype):
         return dtype
@@ -145,7 +149,7 @@ class VcHfQuantizer(HfQuantizer):
                 module_name, _, param = param_name.rpartition(".")
                 module = model.get_submodule(module_name)
                 current = getattr(module, param)
-                dense = self.decode(enc, device=current.device, dtype=current.dtype)
+                dense = self.decode(enc, device=current.device, dtype=current.dtype, name=param_name)
                 with torch.no_grad():
                     current.data = dense
                 module._vc_encoded = {**getattr(module, "_vc_encoded", {}), param: enc}
@@ -153,32 +157,45 @@ class VcHfQuantizer(HfQuantizer):
             self._shutdown()
 
     # --- decode ----------------------------------------------------------------------------
-    def decode(self, enc: EncodedTensor, device, dtype: torch.dtype) -> torch.Tensor:
+    def _use_nvdec(self, device: torch.device) -> bool:
+        """NVDEC for CUDA targets unless the config says cpu; records why not."""
+        if device.type != "cuda" or self.quantization_config.decode_backend == "cpu":
+            return False
+        status = nvdec_status()
+        if not status:
+            self.report.decode_fallback_reason = status.reason
+        return bool(status)
+
+    def decode(self, enc: EncodedTensor, device, dtype: torch.dtype, name: str = "tensor") -> torch.Tensor:
         """Decode on the configured backend; CPU FFmpeg when NVDEC is not usable."""
         device = torch.device(device)
-        if device.type == "cuda" and self.quantization_config.decode_backend in ("auto", "nvdec"):
-            ok, reason = nvdec_status()
-            if ok:
-                from vc_quant.codec.backends.nvcodec import decode_tensor_nvdec
-
-                self.report.decode_backend = "nvdec"
-                return decode_tensor_nvdec(enc, device=device, dtype=dtype)
-            self.report.decode_fallback_reason = reason
+        if self._use_nvdec(device):
+            self.report.decode_backend = "nvdec"
+            return decode_tensor_nvdec(enc, device=device, dtype=dtype, name=name)
         return decode_tensor(enc, device="cpu", dtype=dtype).to(device)
 
     def decode_into(self, param_name: str, enc: EncodedTensor, device, dtype: torch.dtype) -> torch.Tensor:
         """Return the buffer that will hold ``param_name``'s decoded weight.
 
-        The decode runs in the worker pool (one tensor per core) while the loader
-        goes on; :meth:`_process_model_after_weight_loading` waits for it. With
-        disk offload, or on NVDEC, it decodes right away.
+        The decode runs in a worker pool while the loader goes on (CPU: one tensor
+        per core; CUDA: one NVDEC session per worker, several engines busy at once);
+        :meth:`_process_model_after_weight_loading` waits for it. With disk offload
+        it decodes right away.
         """
         device = torch.device(device)
-        if self._sync_decode or device.type != "cpu":
-            return self.decode(enc, device, dtype)
+        if self._sync_decode:
+            enc.verify(param_name)
+            return self.decode(enc, device, dtype, name=param_name)
         out = torch.empty(enc.shape, dtype=dtype, device=device)
+        if self._use_nvdec(device):
+            self.report.decode_backend = "nvdec"
+            if self._nvdec_pool is None:
+                self._nvdec_pool = NvdecDecoderPool()
+            self._jobs[param_name] = self._nvdec_pool.submit(enc, out, name=param_name, verify=True)
+            return out
 
         def job() -> None:
+            enc.verify(param_name)  # checksum first: corrupt data is never decoded
             out.copy_(decode_tensor(enc, device="cpu", dtype=dtype, threads=1))
 
         self._jobs[param_name] = self._executor("vc-decode").submit(job)
@@ -197,12 +214,36 @@ class VcHfQuantizer(HfQuantizer):
             self._shutdown()
 
     def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool, self._jobs = None, {}
+        for pool in (self._pool, self._nvdec_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)  # after an error: skip the rest
+        self._pool, self._nvdec_pool, self._jobs = None, None, {}
 
     def get_load_operations(self) -> dict:
         return {"deserialize": VcDeserialize}
+
+    def get_weight_conversions(self):
+        # force_cpu: the loader leaves our entries on the host. Bitstreams are parsed
+        # there anyway (FFmpeg and NVDEC read host memory), and the op decodes straight
+        # to the parameter's device (target_device), so no bitstream makes a round trip
+        # through GPU memory; the loader then moves plain parameters to their device.
+        from transformers.core_model_loading import WeightConverter
+
+        if not self.pre_quantized:
+            return []
+        return [
+            WeightConverter(names, param, [VcDeserialize(self)], force_cpu=True)
+            for param, names in self.serialized_names.items()
+        ]
+
+    def target_device(self, param_name: str) -> torch.device:
+        """Where ``param_name`` lives after loading, from the (expanded) device map."""
+        if not self._device_map:
+            return torch.device("cpu")
+        from transformers.integrations.accelerate import get_device
+
+        device = get_device(self._device_map, param_name, valid_torch_device=True)
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
 
     # --- after loading -----------------------------------------------------------------
     def _process_model_after_weight_loading(self, model, **kwargs):
