@@ -55,7 +55,11 @@ def probe() -> None:
     for name in ("CreateDecoder", "PacketData", "GetDecoderCaps", "DisplayDecodeLatencyType"):
         obj = getattr(nvc, name, None)
         print(f"--- {name}:", (obj.__doc__ or "")[:3000] if obj is not None else "absent")
-    print("HEVC caps:", nvc.GetDecoderCaps(gpuid=0, codec=nvc.cudaVideoCodec.HEVC))
+    print("HEVC decoder caps:", nvc.GetDecoderCaps(gpuid=0, codec=nvc.cudaVideoCodec.HEVC))
+    try:
+        print("HEVC encoder caps (NVENC):", nvc.GetEncoderCaps(gpuid=0, codec="hevc"))
+    except Exception as exc:
+        print("HEVC encoder caps (NVENC): unavailable:", str(exc).splitlines()[0][:200])
     print("PacketData attributes:", [n for n in dir(nvc.PacketData()) if not n.startswith("_")])
     print("DecodedFrame attributes:", [n for n in dir(nvc.DecodedFrame) if not n.startswith("_")])
     from vc_quant import encode_tensor
