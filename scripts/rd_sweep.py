@@ -67,6 +67,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="plain checkpoint (default: offline SmolLM2-135M fp32)")
     ap.add_argument("--vc-bits", type=float, nargs="*", default=[2.0, 2.5, 3.0, 3.5])
+    ap.add_argument(
+        "--vc-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config fields for the vc_quant runs, e.g. seed=1 encoder_params=rdoq-level=2",
+    )
+    ap.add_argument("--vc-label", default="", help="names the vc_quant variant in the table (e.g. the config)")
     ap.add_argument("--vc-config", default=None, help="preset file for the vc_quant runs")
     ap.add_argument("--vc-allocation", nargs="*", default=["fisher"], choices=["uniform", "fisher"])
     ap.add_argument("--append", action="store_true", help="add rows to an existing rd_sweep.json in --out")
@@ -127,22 +135,36 @@ def main() -> None:
     if "vc" in args.only:
         for allocation in args.vc_allocation:
             for bits in args.vc_bits:
+                changes = dict(_parse_set(item) for item in args.vc_set)
                 if args.vc_config:
-                    cfg = vc_quant.VcQuantizationConfig.from_file(args.vc_config, bits=bits, allocation=allocation)
+                    cfg = vc_quant.VcQuantizationConfig.from_file(
+                        args.vc_config, bits=bits, allocation=allocation, **changes
+                    )
                 else:
-                    cfg = vc_quant.VcQuantizationConfig(bits=bits, allocation=allocation)
+                    cfg = vc_quant.VcQuantizationConfig(bits=bits, allocation=allocation, **changes)
                 t0 = time.perf_counter()
                 model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg, dtype=torch.float32)
                 q_s = time.perf_counter() - t0
                 rep = model.vc_quant_report
-                record({"method": f"vc_quant {bits} ({allocation})", "family": "vc", "target": bits,
-                        "allocation": allocation, "bpw": rep.bits_per_weight, "quantize_seconds": q_s,
-                        "config": cfg.to_dict(), **evaluate(model)})  # fmt: skip
+                variant = allocation + (f", {args.vc_label}" if args.vc_label else "")
+                record({"method": f"vc_quant {bits} ({variant})", "family": "vc", "target": bits,
+                        "allocation": allocation, "variant": variant, "bpw": rep.bits_per_weight,
+                        "quantize_seconds": q_s, "config": cfg.to_dict(), **evaluate(model)})  # fmt: skip
                 del model
 
     write_markdown(rows, out / "rd_sweep.md", args, src)
     plot(rows, out / "rd_sweep.png")
     print((out / "rd_sweep.md").read_text())
+
+
+def _parse_set(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--vc-set {item!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string
 
 
 def write_markdown(rows: list[dict], path: Path, args, src: str) -> None:
@@ -173,7 +195,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if r["family"] == "fp" or r.get("artefact"):
             continue
         if r["family"] == "vc":
-            key = f"vc_quant ({r.get('allocation', 'uniform')})"
+            key = f"vc_quant ({r.get('variant', r.get('allocation', 'uniform'))})"
         else:
             key = "RTN" + (" +rot" if r.get("rotation") else "")
         series.setdefault(key, []).append((r["bpw"], r["ppl"]))

@@ -15,7 +15,7 @@ from vc_quant.format import QUANT_METHOD
 
 #: module names never quantized unless a user override names them explicitly
 DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head", "embed_tokens", "wte", "wpe", "embed_positions"]
-_CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile")
+_CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile", "encoder_params")
 _DECODE_BACKENDS = ("auto", "cpu", "nvdec")
 _ALLOCATIONS = ("uniform", "fisher")
 
@@ -26,8 +26,9 @@ class VcQuantizationConfig(QuantizationConfigMixin):
     Args:
         bits: target all-in bits per weight (bitstream + scales + metadata), fractional,
             in [1, 8]; the average over all quantized weights lands on it.
-        codec, preset, rotation, seed, scale, tile: tensor-codec options (see
-            :class:`vc_quant.CodecOptions`; defaults are the measured best).
+        codec, preset, rotation, seed, scale, tile, encoder_params: tensor-codec options
+            (see :class:`vc_quant.CodecOptions`; defaults are the measured best).
+            ``encoder_params`` passes extra x265 parameters, e.g. ``"rdoq-level=2"``.
         modules_to_not_convert: extra module names (or name fragments) kept in full
             precision. They are **merged** with the defaults (``lm_head``, embeddings,
             tied weights), never replace them.
@@ -54,6 +55,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         seed: int = 0,
         scale: str = "tensor",
         tile: int = 2048,
+        encoder_params: str = "",
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,
@@ -70,6 +72,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         self.seed = seed
         self.scale = scale
         self.tile = tile
+        self.encoder_params = encoder_params
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.overrides = dict(overrides or {})
         self.min_numel = min_numel

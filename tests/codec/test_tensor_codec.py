@@ -165,3 +165,13 @@ def test_small_tensors_skip_rate_control_but_keep_quality():
     enc = encode_tensor(t, 3.0)
     assert enc.stats["rate_controlled"] is False  # headers + smallest frame exceed a 3-bit budget
     assert rel_mse(decode_tensor(enc), t) < 0.04  # measured 0.025, like a large tensor at 3 bits
+
+
+def test_encoder_params_reach_the_encoder_and_are_validated(gaussian):
+    w = gaussian(256, 256)
+    plain = encode_tensor(w, None, qp=24)
+    rdoq = encode_tensor(w, None, qp=24, encoder_params="rdoq-level=2")
+    assert not torch.equal(plain.bitstream, rdoq.bitstream)  # RDOQ changes the coded levels
+    assert rel_mse(decode_tensor(rdoq), w) < 0.05
+    with pytest.raises(VcConfigError, match="encoder_params"):
+        encode_tensor(w, 3.0, encoder_params="rdoq level=2")

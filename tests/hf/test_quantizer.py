@@ -132,6 +132,7 @@ def test_overrides_set_bits_per_module(tiny_src):
         ({"tile": 100}, "tile=100"),
         ({"bitz": 3}, "unknown field"),
         ({"format_version": 99}, "format_version=99"),
+        ({"encoder_params": "rd 4"}, "encoder_params"),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs, match):
@@ -140,7 +141,9 @@ def test_bad_config_values_name_the_field(kwargs, match):
 
 
 def test_config_round_trips_through_dict():
-    cfg = VcQuantizationConfig(bits=3.25, overrides={"a": 4}, modules_to_not_convert=["x"])
+    cfg = VcQuantizationConfig(
+        bits=3.25, overrides={"a": 4}, modules_to_not_convert=["x"], encoder_params="rdoq-level=2"
+    )
     again = VcQuantizationConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()
 

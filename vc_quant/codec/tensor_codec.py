@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -45,6 +46,7 @@ class CodecOptions:
     scale: str = "tensor"  # "tensor": one affine map (MSE-optimal); "row": per-row min/max
     tile: int = 2048  # largest frame side
     chroma_qp_match: bool = True
+    encoder_params: str = ""  # extra x265/x264 parameters, "key=value:key=value" (measured knobs: README)
     threads: int = 0
     tolerance: float = 0.03  # allowed |achieved - target| in all-in bits per value
     qp: int | None = None  # fixed QP (amplitude 1): bypasses rate control
@@ -63,6 +65,12 @@ class CodecOptions:
             raise VcConfigError(f"rotation={self.rotation!r}: expected True or False")
         if not (0 < self.tolerance < 1):
             raise VcConfigError(f"tolerance={self.tolerance!r}: expected a value in (0, 1) bits per value")
+        if not isinstance(self.encoder_params, str) or any(
+            not re.fullmatch(r"[a-z0-9-]+(=[^:=\s]+)?", item) for item in self.encoder_params.split(":") if item
+        ):
+            raise VcConfigError(
+                f"encoder_params={self.encoder_params!r}: expected 'key=value:key=value' encoder parameters"
+            )
         if self.threads < 0:
             raise VcConfigError(f"threads={self.threads!r}: expected >= 0 (0 = all cores)")
         fr.plan_layout(1, 1, self.tile)  # validates tile
@@ -243,7 +251,9 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
         "rotation_seed": opts.seed if rotate else None,
         "scale": opts.scale,
     }
-    settings = EncoderSettings(preset=opts.preset, threads=opts.threads, chroma_qp_match=opts.chroma_qp_match)
+    settings = EncoderSettings(
+        preset=opts.preset, threads=opts.threads, chroma_qp_match=opts.chroma_qp_match, extra_params=opts.encoder_params
+    )
     p = _Prepared(x, opts.scale == "row", layout, meta, backend, settings)
 
     if opts.qp is not None:

@@ -18,6 +18,9 @@ class EncoderSettings:
     preset: str = "medium"
     threads: int = 0  # 0 → the encoder's own choice (all cores)
     chroma_qp_match: bool = True  # offset chroma QP so chroma is quantised like luma
+    # extra encoder parameters ("key=value:key=value", x265/x264 syntax), appended last
+    # so they override vc_quant's own; the stream stays standard (any decoder reads it)
+    extra_params: str = ""
 
 
 class VideoBackend(ABC):

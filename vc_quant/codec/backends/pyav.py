@@ -109,6 +109,8 @@ class HevcBackend(_PyAVBackend):
             params += [f"cbqpoffs={off}", f"crqpoffs={off}"]
         if settings.threads:
             params.append(f"pools={settings.threads}")
+        if settings.extra_params:
+            params.append(settings.extra_params)
         return {"preset": settings.preset, "x265-params": ":".join(params)}
 
 
@@ -122,4 +124,6 @@ class H264Backend(_PyAVBackend):
         params = ["keyint=1", "aq-mode=0", "psy=0", f"qp={qp}"]
         if settings.threads:
             params.append(f"threads={settings.threads}")
+        if settings.extra_params:
+            params.append(settings.extra_params)
         return {"preset": settings.preset, "x264-params": ":".join(params)}
