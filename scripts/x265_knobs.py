@@ -22,8 +22,8 @@ from vc_quant import decode_tensor, encode_tensor
 from vc_quant.testing import smollm2_checkpoint
 
 SETTINGS = [
-    ("superfast (default)", "superfast", ""),
-    ("superfast + rdoq-level=2", "superfast", "rdoq-level=2"),
+    ("superfast, no RDOQ", "superfast", ""),
+    ("superfast + rdoq-level=2 (default)", "superfast", "rdoq-level=2"),
     ("superfast + rdoq-level=1", "superfast", "rdoq-level=1"),
     ("superfast + tu-intra-depth=3", "superfast", "tu-intra-depth=3"),
     ("superfast + rd=4", "superfast", "rd=4"),

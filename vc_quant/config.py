@@ -28,7 +28,9 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             in [1, 8]; the average over all quantized weights lands on it.
         codec, preset, rotation, seed, scale, tile, encoder_params: tensor-codec options
             (see :class:`vc_quant.CodecOptions`; defaults are the measured best).
-            ``encoder_params`` passes extra x265 parameters, e.g. ``"rdoq-level=2"``.
+            ``encoder_params`` passes extra x265 parameters (default ``"rdoq-level=2"``:
+            rate-distortion-optimised quantisation, measured 97.6 → 80.2 perplexity at
+            2.5 bpw on SmolLM2 for ~1.6x the quantize time; ``""`` turns it off).
         modules_to_not_convert: extra module names (or name fragments) kept in full
             precision. They are **merged** with the defaults (``lm_head``, embeddings,
             tied weights), never replace them.
@@ -55,7 +57,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         seed: int = 0,
         scale: str = "tensor",
         tile: int = 2048,
-        encoder_params: str = "",
+        encoder_params: str = "rdoq-level=2",
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,

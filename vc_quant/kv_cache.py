@@ -36,7 +36,8 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         self.bits = bits
         self.residual_length = residual_length
         self.block_tokens = block_tokens
-        self.codec = codec
+        # RDOQ (the weight default) doubles encode time; blocks are encoded during generation
+        self.codec = {"encoder_params": "", **codec}
         self._key_blocks: list[EncodedTensor] = []
         self._value_blocks: list[EncodedTensor] = []
         self._pending_beam_idx: torch.Tensor | None = None

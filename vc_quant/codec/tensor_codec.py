@@ -46,7 +46,10 @@ class CodecOptions:
     scale: str = "tensor"  # "tensor": one affine map (MSE-optimal); "row": per-row min/max
     tile: int = 2048  # largest frame side
     chroma_qp_match: bool = True
-    encoder_params: str = ""  # extra x265/x264 parameters, "key=value:key=value" (measured knobs: README)
+    # extra x265/x264 parameters, "key=value:key=value". Default: RDOQ, measured on SmolLM2
+    # (x265_knobs.py, rd_sweep): -4% weight MSE at 2.5 bpw, -9% at 4.0, perplexity at 2.5 bpw
+    # 97.6 -> 80.2, at ~1.6x the encode time
+    encoder_params: str = "rdoq-level=2"
     threads: int = 0
     tolerance: float = 0.03  # allowed |achieved - target| in all-in bits per value
     qp: int | None = None  # fixed QP (amplitude 1): bypasses rate control
@@ -319,7 +322,8 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     if abs(best.rate - target) > opts.tolerance:
         logger.warning("%s: rate %.3f bits/value misses the target %.3f", name, best.rate, target)
     amplitude = min(1.0, 2.0 ** (backend.log2_step(best.result.meta["qp"]) - best.e))
-    best.result.stats = {"full_encodes": len(trials), "amplitude": amplitude, "rate_controlled": True}
+    best.result.stats = {"full_encodes": len(trials), "amplitude": amplitude, "rate_controlled": True,
+                         "e_start": e_start, "e_final": best.e}  # fmt: skip
     return best.result
 
 
