@@ -51,3 +51,25 @@ def test_fisher_on_a_half_model_restores_dtype_and_weights(tiny_src):
     for n, p in model.named_parameters():
         assert p.dtype == torch.float16 and torch.equal(p, before[n])
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_calibration_mode_uses_the_given_sequences(tiny_src):
+    model = AutoModelForCausalLM.from_pretrained(tiny_src)
+    names = ["model.layers.0.mlp.down_proj.weight"]
+    g = torch.Generator().manual_seed(0)
+    text_a = torch.randint(0, 256, (2, 16), generator=g)
+    text_b = torch.randint(0, 256, (2, 16), generator=g)
+    a = fisher_sensitivity(model, names, sequences=text_a)
+    assert a == fisher_sensitivity(model, names, sequences=text_a)
+    assert a != fisher_sensitivity(model, names, sequences=text_b)
+    assert a != fisher_sensitivity(model, names, n_seqs=2, seqlen=16)  # self-generated
+
+
+def test_calibration_needs_fisher_and_a_readable_file(tiny_src, tmp_path):
+    with pytest.raises(ValueError, match="calibration"):
+        vc_quant.VcQuantizationConfig(allocation="uniform", calibration="text.txt")
+    from vc_quant.allocation import calibration_sequences
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_src)
+    with pytest.raises(ValueError, match=r"calibration='.*missing\.txt'.*cannot read"):
+        calibration_sequences(model, str(tmp_path / "missing.txt"))

@@ -8,11 +8,14 @@ per unit of squared weight error) the allocation that minimises
 (reverse water-filling) solution ``R_i = R̄ + ½·log2(s_i σ_i² / G)``, clamped to
 ``[r_min, r_max]``.
 
-Sensitivity, calibration-free: the diagonal of the model's own Fisher
+Sensitivity, calibration-free by default: the diagonal of the model's own Fisher
 information, estimated on text *the model generates itself* (sequences sampled
 from the model from BOS; their log-likelihood gradients are exact Fisher samples).
 For a rotated codec the error is white inside a tensor, so the expected loss
 increase is ``½ · mean(diag F_i) · ||ΔW_i||²``: ``s_i = mean(diag F_i)``.
+
+Optional calibration mode (``VcQuantizationConfig(calibration="file.txt")``): the
+same estimate on windows of real text (:func:`calibration_sequences`).
 """
 
 from __future__ import annotations
@@ -71,9 +74,14 @@ def _sample_sequences(model, n_seqs: int, seqlen: int, seed: int) -> torch.Tenso
 
 
 def fisher_sensitivity(
-    model, param_names: list[str], n_seqs: int = 8, seqlen: int = 128, seed: int = 0
-) -> dict[str, float]:
-    """Mean diagonal Fisher information per parameter, from model-generated sequences."""
+    model, param_names: list[str], n_seqs: int = 8, seqlen: int = 128, seed: int = 0,
+    sequences: torch.Tensor | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Mean diagonal Fisher information per parameter, from model-generated sequences.
+
+    ``sequences`` (token ids, ``(n, len)``): the optional calibration mode — gradients
+    of the log-likelihood of real text instead (the *empirical* Fisher).
+    """
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -87,15 +95,17 @@ def fisher_sensitivity(
         for p in dtypes:
             p.data = p.data.float()
     try:
-        return _fisher(model, param_names, n_seqs, seqlen, seed, t0, was_training)
+        if sequences is None:
+            sequences = _sample_sequences(model, n_seqs, seqlen, seed)
+        return _fisher(model, param_names, sequences, t0, was_training)
     finally:
         if upcast:
             for p, d in dtypes.items():
                 p.data = p.data.to(d)
 
 
-def _fisher(model, param_names, n_seqs, seqlen, seed, t0, was_training) -> dict[str, float]:
-    seqs = _sample_sequences(model, n_seqs, seqlen, seed)
+def _fisher(model, param_names, seqs: torch.Tensor, t0: float, was_training: bool) -> dict[str, float]:
+    seqs = seqs.to(next(model.parameters()).device)
     params = {n: model.get_parameter(n) for n in param_names}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -117,9 +127,28 @@ def _fisher(model, param_names, n_seqs, seqlen, seed, t0, was_training) -> dict[
             p.requires_grad_(flags[n])
         model.train(was_training)
     out = {n: acc[n] / len(seqs) / params[n].numel() for n in param_names}
-    logger.info("Fisher sensitivity of %d tensors from %d self-generated sequences x %d tokens in %.1f s",
-                len(param_names), n_seqs, seqlen, time.perf_counter() - t0)  # fmt: skip
+    logger.info("Fisher sensitivity of %d tensors from %d sequences x %d tokens in %.1f s",
+                len(param_names), seqs.shape[0], seqs.shape[1], time.perf_counter() - t0)  # fmt: skip
     return out
+
+
+def calibration_sequences(model, path: str, n_seqs: int = 8, seqlen: int = 128) -> torch.Tensor:
+    """``(n, seqlen)`` BOS-first token windows from the text file ``path`` (model's own tokenizer)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from vc_quant.evaluation import token_windows
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"calibration={path!r}: cannot read the text file ({exc})") from exc
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    try:
+        return token_windows(tokenizer, text, seqlen, n_seqs, bos=tokenizer.bos_token_id is not None)
+    except ValueError as exc:
+        raise ValueError(f"calibration={path!r}: {exc}") from exc
 
 
 def plan_bits(model, param_names: list[str], budget: float, method: str, **kwargs) -> dict[str, float]:

@@ -15,7 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from vc_quant import format as fmt
-from vc_quant.allocation import plan_bits
+from vc_quant.allocation import calibration_sequences, plan_bits
 from vc_quant.codec import EncodedTensor, decode_tensor, encode_tensor
 from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_tensor_nvdec, nvdec_status
 from vc_quant.config import VcQuantizationConfig
@@ -250,7 +250,10 @@ class VcHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             if self._deferred:
                 config = self.quantization_config
-                plan = plan_bits(model, self._deferred, config.bits, config.allocation)
+                extra = {}
+                if config.calibration:
+                    extra["sequences"] = calibration_sequences(model, config.calibration)
+                plan = plan_bits(model, self._deferred, config.bits, config.allocation, **extra)
                 for name, bits in plan.items():
                     self.submit_encode(model, name, model.get_parameter(name), bits=bits)
                 self._deferred = []
