@@ -3,8 +3,8 @@
 * ``slow`` tests use the real development model (SmolLM2-135M); they skip with a
   reason when its offline asset package is not installed, unless
   ``VC_QUANT_REQUIRE_ASSETS=1`` (CI sets it) turns the skip into a failure.
-* the ``gpu`` marker is reserved for the NVDEC path (not built yet): such tests must
-  skip without CUDA/NVDEC and fail when ``VC_QUANT_REQUIRE_GPU=1``.
+* ``gpu`` tests (the NVDEC path, tests/codec/test_nvcodec.py) skip with the reason
+  without CUDA/NVDEC/PyNvVideoCodec and fail when ``VC_QUANT_REQUIRE_GPU=1``.
 """
 
 from __future__ import annotations
