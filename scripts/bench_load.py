@@ -177,7 +177,7 @@ def load_records(path: Path):
 def decode_throughput(records, sessions_list: list[int], cpu: bool) -> list[dict]:
     from vc_quant.codec import decode_tensor
     from vc_quant.codec import frames as fr
-    from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_frames_nvdec
+    from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_canvas_nvdec
 
     samples = sum(fr.FrameLayout.from_dict(e.meta["layout"]).samples for _, e in records)
     values = sum(e.numel for _, e in records)
@@ -192,10 +192,10 @@ def decode_throughput(records, sessions_list: list[int], cpu: bool) -> list[dict
         return r
 
     def frames_only(key_enc) -> int:
-        return len(decode_frames_nvdec(key_enc[1], "cuda"))
+        return decode_canvas_nvdec(key_enc[1], "cuda").numel()
 
     for n in sessions_list:
-        with ThreadPoolExecutor(n) as pool:  # NVDEC only: frames to GPU memory, then dropped
+        with ThreadPoolExecutor(n) as pool:  # NVDEC only: samples to GPU memory, then dropped
             for _pass in ("warm-up", "timed"):  # the first pass creates sessions and warms the allocator
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def decode_throughput(records, sessions_list: list[int], cpu: bool) -> list[dict
         with NvdecDecoderPool(n) as pool:  # the whole decode, as from_pretrained runs it
             for _pass in ("warm-up", "timed"):
                 t0 = time.perf_counter()
-                for f in [pool.submit(e, o) for (_, e), o in zip(records, outs, strict=True)]:
+                for f in [pool.decode(e, o) for (_, e), o in zip(records, outs, strict=True)]:
                     f.result()
                 torch.cuda.synchronize()
             rows.append(row("nvdec -> fp16 tensor", n, time.perf_counter() - t0))

@@ -39,10 +39,9 @@ def reconfigure(encs) -> None:
         session, results = cls(DEVICE, 2048), []
         for enc in encs:
             try:
-                got = session.decode_frames(enc, "probe")
+                got = session.decode_canvas(enc, layout(enc), "probe")
                 torch.cuda.synchronize()
-                ref = decode_frames(enc)
-                results.append(all(torch.equal(a, b.cpu()) for a, b in zip(ref, got, strict=True)))
+                results.append(torch.equal(fr.frames_to_canvas(decode_frames(enc), layout(enc)), got.cpu()))
             except Exception as exc:  # the experiment reports any failure
                 results.append(f"error: {str(exc)[:90]}")
         print(f"one session, sizes {[layout(e).width for e in encs]}, {cls.__name__}: {results}", flush=True)
@@ -62,11 +61,11 @@ def thread_scaling(enc, reps: int = 6) -> None:
 
         def worker(barrier=barrier) -> None:
             session = nv._Session(DEVICE, 2048)
-            session.decode_frames(enc, "warm-up")
+            session.decode_canvas(enc, lay, "warm-up")
             session.stream.synchronize()
             barrier.wait()
             for _ in range(reps):
-                session.decode_frames(enc, "timed")
+                session.decode_canvas(enc, lay, "timed")
             session.stream.synchronize()
 
         threads = [threading.Thread(target=worker) for _ in range(k)]

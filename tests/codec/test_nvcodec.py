@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vc_quant import decode_tensor, encode_tensor
+from vc_quant.codec import frames as fr
 from vc_quant.codec.backends import nvcodec
 from vc_quant.codec.tensor_codec import decode_frames
 from vc_quant.errors import VcBackendUnavailableError
@@ -71,11 +72,12 @@ def real_matrices(nvdec) -> dict[str, torch.Tensor]:
 
 
 def _assert_frames_identical(enc, name):
-    cpu = decode_frames(enc)
-    gpu = nvcodec.decode_frames_nvdec(enc, "cuda", name=name)
+    layout = fr.FrameLayout.from_dict(enc.meta["layout"])
+    cpu = fr.frames_to_canvas(decode_frames(enc), layout).split(layout.height * 3 // 2)
+    gpu = nvcodec.decode_canvas_nvdec(enc, "cuda", name=name).cpu().split(layout.height * 3 // 2)
     assert len(cpu) == len(gpu)
     for i, (a, b) in enumerate(zip(cpu, gpu, strict=True)):
-        mismatches = int((a != b.cpu()).sum())
+        mismatches = int((a != b).sum())
         assert mismatches == 0, f"{name} frame {i}: {mismatches} of {a.numel()} samples differ from FFmpeg"
 
 
@@ -109,8 +111,6 @@ def test_frames_bit_identical_across_layouts_and_qps(nvdec, gaussian, shape, opt
 @pytest.mark.gpu
 def test_pixel_matrix_of_the_load_path_is_bit_identical(real_matrices):
     """decode_tensor_nvdec writes NV12 surfaces straight into the canvas: same pixels as FFmpeg."""
-    from vc_quant.codec import frames as fr
-
     for name, w in real_matrices.items():
         enc = encode_tensor(w, 2.5, name=name)
         ref = fr.unpack(decode_frames(enc), fr.FrameLayout.from_dict(enc.meta["layout"]))
@@ -138,7 +138,7 @@ def test_pool_decodes_many_tensors_side_by_side(nvdec, gaussian):
     encs = [encode_tensor(gaussian(384 + 64 * (i % 4), 576, seed=i), 2.5) for i in range(24)]
     outs = [torch.full(e.shape, float("nan"), device="cuda") for e in encs]
     with nvcodec.NvdecDecoderPool(sessions=4) as pool:
-        jobs = [pool.submit(e, o, name=f"t{i}") for i, (e, o) in enumerate(zip(encs, outs, strict=True))]
+        jobs = [pool.decode(e, o, name=f"t{i}") for i, (e, o) in enumerate(zip(encs, outs, strict=True))]
         for j in jobs:
             j.result()
     for e, o in zip(encs, outs, strict=True):

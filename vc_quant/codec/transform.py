@@ -66,7 +66,7 @@ def _rotation_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | N
 
 @lru_cache(maxsize=64)
 def _factors_on(n: int, seed: int, device: torch.device, dtype: torch.dtype):
-    """The rotation factors copied once per device/dtype (decode on GPU reuses them)."""
+    """The rotation factors, converted once per device/dtype (every tensor of a model reuses them)."""
     signs, q = _rotation_factors(n, seed)
     return signs.to(device, dtype), (q.to(device, dtype) if q is not None else None)
 
@@ -79,12 +79,12 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
             f"rotation: last dimension {n} has an odd factor {split_pow2(n)[0]} > {MAX_ODD_FACTOR}; "
             "pass rotation=False for this tensor"
         )
-    signs, q = _rotation_factors(n, seed)
+    signs, q = _factors_on(n, seed, x.device, x.dtype)
     m, p = split_pow2(n)
-    y = x * signs.to(x.device, x.dtype)
+    y = x * signs
     y = fwht(y.reshape(*x.shape[:-1], m, p))
     if q is not None:
-        y = torch.matmul(q.to(x.device, x.dtype), y)
+        y = torch.matmul(q, y)
     return y.reshape(x.shape)
 
 

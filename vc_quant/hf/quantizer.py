@@ -191,14 +191,21 @@ class VcHfQuantizer(HfQuantizer):
             self.report.decode_backend = "nvdec"
             if self._nvdec_pool is None:
                 self._nvdec_pool = NvdecDecoderPool()
-            self._jobs[param_name] = self._nvdec_pool.submit(enc, out, name=param_name, verify=True)
-            return out
+            pool = self._nvdec_pool
+
+            def decode() -> None:
+                decode_tensor_nvdec(enc, out=out, name=param_name)
+        else:
+            pool = self._executor("vc-decode")
+
+            def decode() -> None:
+                out.copy_(decode_tensor(enc, device="cpu", dtype=dtype, threads=1))
 
         def job() -> None:
             enc.verify(param_name)  # checksum first: corrupt data is never decoded
-            out.copy_(decode_tensor(enc, device="cpu", dtype=dtype, threads=1))
+            decode()
 
-        self._jobs[param_name] = self._executor("vc-decode").submit(job)
+        self._jobs[param_name] = pool.submit(job)
         return out
 
     def _executor(self, prefix: str) -> ThreadPoolExecutor:
@@ -227,14 +234,10 @@ class VcHfQuantizer(HfQuantizer):
         # there anyway (FFmpeg and NVDEC read host memory), and the op decodes straight
         # to the parameter's device (target_device), so no bitstream makes a round trip
         # through GPU memory; the loader then moves plain parameters to their device.
-        from transformers.core_model_loading import WeightConverter
-
-        if not self.pre_quantized:
-            return []
-        return [
-            WeightConverter(names, param, [VcDeserialize(self)], force_cpu=True)
-            for param, names in self.serialized_names.items()
-        ]
+        conversions = super().get_weight_conversions()
+        for conversion in conversions:
+            conversion.force_cpu = True
+        return conversions
 
     def target_device(self, param_name: str) -> torch.device:
         """Where ``param_name`` lives after loading, from the (expanded) device map."""

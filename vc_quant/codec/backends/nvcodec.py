@@ -6,9 +6,9 @@ no HEVC decoder on the GPU); callers then fall back to the CPU (FFmpeg) decoder.
 
 Decoding: each worker thread owns a decoder session bound to its own CUDA stream
 (reconfigured between picture sizes); access units are fed from host memory, the NV12
-surfaces NVDEC writes are copied out through DLPack as the 4:2:0 planar frames
-the CPU decoder returns (HEVC decoding is normative: the pixels are identical),
-and unpacking, dequantisation and the inverse rotation run on the GPU in torch.
+surfaces NVDEC writes are copied through DLPack straight into the tensor's pixel
+canvas (HEVC decoding is normative: the same samples as the CPU decoder's), and
+unpacking, dequantisation and the inverse rotation run on the GPU in torch.
 :class:`NvdecDecoderPool` keeps several sessions busy at once (H100/H200 carry 7
 NVDEC engines).
 """
@@ -61,22 +61,6 @@ def _load_pynvvideocodec():
     return nvc
 
 
-def _enum(owner, *names: str):
-    for name in names:
-        if hasattr(owner, name):
-            return getattr(owner, name)
-    raise AttributeError(f"{owner!r} has none of {names}")
-
-
-def _field(obj, *names: str):
-    for name in names:
-        if isinstance(obj, dict) and name in obj:
-            return obj[name]
-        if hasattr(obj, name):
-            return getattr(obj, name)
-    return None
-
-
 @lru_cache(maxsize=1)
 def nvdec_status() -> NvdecStatus:
     """Check, once per process, every layer NVDEC needs; never raises."""
@@ -98,29 +82,24 @@ def nvdec_status() -> NvdecStatus:
         return NvdecStatus(False, f"PyNvVideoCodec failed to import: {str(exc).splitlines()[0]}")
     version = getattr(nvc, "__version__", None)
     try:
+        # cudaVideoChromaFormat's 4:2:0 member is named "420" (not an identifier)
+        chroma420 = getattr(nvc.cudaVideoChromaFormat, "420")
         caps = nvc.GetDecoderCaps(
-            gpuid=torch.cuda.current_device(),
-            codec=_enum(nvc.cudaVideoCodec, "HEVC"),
-            chromaformat=_enum(nvc.cudaVideoChromaFormat, "420", "YUV420"),
-            bitdepth=8,
+            gpuid=torch.cuda.current_device(), codec=nvc.cudaVideoCodec.HEVC, chromaformat=chroma420, bitdepth=8
         )
     except Exception as exc:
         return NvdecStatus(False, f"GetDecoderCaps failed: {exc}", library_version=version)
-    supported = _field(caps, "supported", "bIsSupported", "is_supported")
-    max_w, max_h = _field(caps, "max_width", "nMaxWidth"), _field(caps, "max_height", "nMaxHeight")
-    engines = _field(caps, "num_decoder_engines", "nNumNVDECs", "num_nvdecs")
-    if supported is not None and not bool(supported):
+    # e.g. {'supported': 1, 'num_decoder_engines': 7, 'width_max': 8192, 'height_max': 8192, ...}
+    if not caps.get("supported"):
         return NvdecStatus(False, "this GPU has no HEVC 8-bit 4:2:0 decoder", library_version=version)
-    if max_w is not None and max_h is not None and min(int(max_w), int(max_h)) < 2048:
+    max_w, max_h = int(caps.get("width_max", 0)), int(caps.get("height_max", 0))
+    if min(max_w, max_h) < _DEFAULT_MAX_SIDE:
         return NvdecStatus(False, f"NVDEC max HEVC picture {max_w}x{max_h} is below 2048x2048")
+    engines = caps.get("num_decoder_engines")
     return NvdecStatus(
-        True,
-        "ok",
-        engines=int(engines) if engines is not None else None,
-        max_width=int(max_w) if max_w is not None else None,
-        max_height=int(max_h) if max_h is not None else None,
+        True, "ok", engines=int(engines) if engines else None, max_width=max_w, max_height=max_h,
         library_version=version,
-    )
+    )  # fmt: skip
 
 
 def default_sessions() -> int:
@@ -157,19 +136,16 @@ class _Session:
         torch.cuda.set_device(device)
         torch.cuda.current_stream(device)  # makes torch's primary context current here
         self.stream = torch.cuda.Stream(device)
-        kwargs = dict(
+        self.decoder = nvc.CreateDecoder(
             gpuid=device.index or 0,
-            codec=_enum(nvc.cudaVideoCodec, "HEVC"),
+            codec=nvc.cudaVideoCodec.HEVC,
             cudacontext=_current_context(),
             cudastream=self.stream.cuda_stream,
             usedevicememory=True,
             maxwidth=max_side,
             maxheight=max_side,
+            latency=nvc.DisplayDecodeLatencyType.LOW,  # intra only: no reordering to wait for
         )
-        latency = getattr(nvc, "DisplayDecodeLatencyType", None)
-        if latency is not None and hasattr(latency, "LOW"):
-            kwargs["latency"] = latency.LOW  # intra-only: every access unit is output as soon as decoded
-        self.decoder = nvc.CreateDecoder(**kwargs)
 
     def set_size(self, width: int, height: int) -> None:
         # Measured on PyNvVideoCodec 2.2.4 (H100): without setReconfigParams a session
@@ -187,28 +163,27 @@ class _Session:
     def _flush(self) -> list:
         return list(self.decoder.Decode(self.nvc.PacketData()))
 
-    def _surfaces(self, enc: EncodedTensor, name: str, consume) -> None:
-        """Feed every access unit of ``enc``; ``consume(index, nv12)`` each surface at once.
+    def decode_canvas(self, enc: EncodedTensor, layout: fr.FrameLayout, name: str) -> torch.Tensor:
+        """The ``(n_frames·1.5H, W)`` pixel canvas of ``enc`` (see :mod:`frames`), on this stream.
 
-        A surface may be reused by the next Decode call, so ``consume`` copies it out
-        (the copies are queued on this session's stream, after NVDEC's own work).
+        Each NV12 surface is copied into the canvas before the next Decode call may
+        reuse it (the copies are queued on this stream, after NVDEC's own work).
         """
-        layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-        data = enc.bitstream.contiguous()
-        if data.device.type != "cpu":
-            data = data.cpu()
+        data = enc.bitstream.contiguous().cpu()  # NVDEC reads host memory
         offsets = list(itertools.accumulate(enc.meta["frame_bytes"], initial=0))
         count = 0
-
-        def take(frames) -> None:
-            nonlocal count
-            for frame in frames:
-                if count >= layout.n_frames:
-                    raise VcCodecError(f"{name}: NVDEC returned more frames than the record's {layout.n_frames}")
-                consume(count, self._nv12(frame, layout))
-                count += 1
-
         with torch.cuda.stream(self.stream):
+            canvas = torch.empty(layout.n_frames * layout.height * 3 // 2, layout.width, dtype=torch.uint8,
+                                 device=self.device)  # fmt: skip
+
+            def take(frames) -> None:
+                nonlocal count
+                for frame in frames:
+                    if count >= layout.n_frames:
+                        raise VcCodecError(f"{name}: NVDEC returned more frames than the record's {layout.n_frames}")
+                    fr.nv12_into_canvas(self._nv12(frame, layout), canvas, count, layout)
+                    count += 1
+
             try:
                 self.set_size(layout.width, layout.height)
                 for a, b in itertools.pairwise(offsets):
@@ -221,22 +196,7 @@ class _Session:
                 raise VcCodecError(f"{name}: NVDEC decode failed: {exc}") from exc
         if count != layout.n_frames:
             raise VcCodecError(f"{name}: NVDEC returned {count} frames, the record has {layout.n_frames}")
-
-    def decode_canvas(self, enc: EncodedTensor, name: str) -> torch.Tensor:
-        """The ``(n_frames·1.5H, W)`` pixel canvas of ``enc`` (see :mod:`frames`), on this stream."""
-        layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-        with torch.cuda.stream(self.stream):
-            canvas = torch.empty(layout.n_frames * layout.height * 3 // 2, layout.width, dtype=torch.uint8,
-                                 device=self.device)  # fmt: skip
-        self._surfaces(enc, name, lambda i, nv12: fr.nv12_into_canvas(nv12, canvas, i, layout))
         return canvas
-
-    def decode_frames(self, enc: EncodedTensor, name: str) -> list[torch.Tensor]:
-        """All frames of ``enc`` as ``(1.5H, W)`` uint8 planar 4:2:0 tensors (FFmpeg's layout)."""
-        layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-        out: list[torch.Tensor] = []
-        self._surfaces(enc, name, lambda i, nv12: out.append(_nv12_to_planar(nv12, layout)))
-        return out
 
     @staticmethod
     def _nv12(frame, layout: fr.FrameLayout) -> torch.Tensor:
@@ -249,19 +209,6 @@ class _Session:
                 f"NVDEC surface is {tuple(nv12.shape)} {nv12.dtype}, expected NV12 {(h * 3 // 2, w)} uint8"
             )
         return nv12
-
-
-def _nv12_to_planar(nv12: torch.Tensor, layout: fr.FrameLayout) -> torch.Tensor:
-    """NV12 surface (Y plane, then interleaved UV) → yuv420p ``(1.5H, W)`` copy."""
-    w, h = layout.width, layout.height
-    planar = torch.empty(h * 3 // 2, w, dtype=torch.uint8, device=nv12.device)
-    flat = planar.view(-1)
-    q = h * w // 4
-    flat[: h * w].view(h, w).copy_(nv12[:h])
-    uv = nv12[h:].reshape(h // 2, w // 2, 2)
-    flat[h * w : h * w + q].view(h // 2, w // 2).copy_(uv[..., 0])
-    flat[h * w + q :].view(h // 2, w // 2).copy_(uv[..., 1])
-    return planar
 
 
 _LOCAL = threading.local()
@@ -297,41 +244,32 @@ def _require_nvdec() -> None:
         raise VcBackendUnavailableError(f"NVDEC cannot run here: {status.reason}")
 
 
-def _checked_session(enc: EncodedTensor, device, name: str) -> _Session:
+def _decode_canvas(enc: EncodedTensor, device, name: str) -> tuple[torch.Tensor, fr.FrameLayout, _Session]:
+    """Checks, then this thread's session decodes ``enc``'s canvas (queued on its stream)."""
+    _require_nvdec()
     if enc.meta.get("codec") != "hevc":
         raise VcBackendUnavailableError(f"{name}: NVDEC path decodes codec 'hevc', not {enc.meta.get('codec')!r}")
     layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-    return _session(device, layout.width, layout.height)
+    session = _session(_cuda_device(device), layout.width, layout.height)
+    return session.decode_canvas(enc, layout, name), layout, session
 
 
-def decode_frames_nvdec(enc: EncodedTensor, device=None, name: str = "tensor") -> list[torch.Tensor]:
-    """Decode the access units of ``enc`` on NVDEC into uint8 frames on ``device``.
+def decode_canvas_nvdec(enc: EncodedTensor, device=None, name: str = "tensor") -> torch.Tensor:
+    """Every decoded sample of ``enc`` as the ``(n_frames·1.5H, W)`` uint8 canvas on ``device``.
 
-    The frames equal :func:`vc_quant.codec.tensor_codec.decode_frames`'s bit for bit.
-    The caller's current stream is made to wait for the decode.
+    Equal bit for bit to ``frames.frames_to_canvas(tensor_codec.decode_frames(enc))``
+    (HEVC decoding is normative). The caller's current stream waits for the decode.
     """
-    _require_nvdec()
-    device = _cuda_device(device)
-    session = _checked_session(enc, device, name)
-    frames = session.decode_frames(enc, name)
-    caller = torch.cuda.current_stream(device)
+    canvas, _, session = _decode_canvas(enc, device, name)
+    caller = torch.cuda.current_stream(canvas.device)
     caller.wait_stream(session.stream)
-    for f in frames:  # allocated on the session stream, used on the caller's
-        f.record_stream(caller)
-    return frames
+    canvas.record_stream(caller)  # allocated on the session stream, used on the caller's
+    return canvas
 
 
 def decode_pixels_nvdec(enc: EncodedTensor, device=None, name: str = "tensor") -> torch.Tensor:
     """The decoded uint8 ``(rows, cols)`` pixel matrix (what ``decode_tensor_nvdec`` dequantises)."""
-    _require_nvdec()
-    device = _cuda_device(device)
-    session = _checked_session(enc, device, name)
-    layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-    pixels = fr.canvas_to_matrix(session.decode_canvas(enc, name), layout)
-    caller = torch.cuda.current_stream(device)
-    caller.wait_stream(session.stream)
-    pixels.record_stream(caller)
-    return pixels
+    return fr.canvas_to_matrix(decode_canvas_nvdec(enc, device, name), fr.FrameLayout.from_dict(enc.meta["layout"]))
 
 
 def decode_tensor_nvdec(
@@ -343,14 +281,11 @@ def decode_tensor_nvdec(
     Everything (NVDEC, unpacking, dequantisation, inverse rotation) runs on this
     thread's session stream, so threads decoding side by side never wait on each other.
     """
-    _require_nvdec()
-    device = _cuda_device(device if out is None else out.device)
-    session = _checked_session(enc, device, name)
-    layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-    canvas = session.decode_canvas(enc, name)
+    canvas, layout, session = _decode_canvas(enc, device if out is None else out.device, name)
     with torch.cuda.stream(session.stream):
-        pixels = fr.canvas_to_matrix(canvas, layout)
-        dense = pixels_to_tensor(enc, pixels, dtype or (out.dtype if out is not None else None))
+        dense = pixels_to_tensor(
+            enc, fr.canvas_to_matrix(canvas, layout), dtype or (out.dtype if out is not None else None)
+        )
         if out is not None:
             out.copy_(dense.reshape(out.shape))
             dense = out
@@ -358,33 +293,17 @@ def decode_tensor_nvdec(
     return dense
 
 
-class NvdecDecoderPool:
-    """Decode many tensors side by side, one NVDEC session per worker thread.
+class NvdecDecoderPool(ThreadPoolExecutor):
+    """Worker threads for NVDEC, one decoder session each (default: one per engine).
 
-    ``submit(enc, out)`` returns a future that completes once ``out`` holds the
+    ``decode(enc, out)`` returns a future that completes once ``out`` holds the
     decoded tensor (the worker's stream is synchronised), so the caller may use
-    ``out`` from any stream afterwards.
+    ``out`` from any stream afterwards; ``submit`` runs any job on a worker.
     """
 
     def __init__(self, sessions: int | None = None) -> None:
         self.sessions = sessions or default_sessions()
-        self._pool = ThreadPoolExecutor(max_workers=self.sessions, thread_name_prefix="vc-nvdec")
+        super().__init__(max_workers=self.sessions, thread_name_prefix="vc-nvdec")
 
-    def submit(self, enc: EncodedTensor, out: torch.Tensor, name: str = "tensor", verify: bool = False) -> Future:
-        """Queue one decode; ``verify`` checks the record's checksum in the worker first."""
-
-        def job() -> torch.Tensor:
-            if verify:
-                enc.verify(name)
-            return decode_tensor_nvdec(enc, out=out, name=name)
-
-        return self._pool.submit(job)
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-
-    def __enter__(self) -> NvdecDecoderPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def decode(self, enc: EncodedTensor, out: torch.Tensor, name: str = "tensor") -> Future:
+        return self.submit(decode_tensor_nvdec, enc, out=out, name=name)
