@@ -23,7 +23,7 @@ def test_residual_part_matches_dynamic_cache_exactly():
 
 
 def test_old_tokens_are_compressed_in_blocks_with_bounded_error():
-    layer = VcQuantizedLayer(bits=4.0, residual_length=16, block_tokens=64)
+    layer = VcQuantizedLayer(bits=4.0, residual_length=16, block_tokens=64, sink_tokens=0)
     k, v = states(t=100)
     layer.update(k, v)  # 100 - 16 = 84 -> one block of 64 compressed, 36 residual
     assert layer.compressed_tokens() == 64 and layer.keys.shape[-2] == 36
@@ -37,8 +37,41 @@ def test_old_tokens_are_compressed_in_blocks_with_bounded_error():
     assert 0 < mem["compressed"] < 2 * 64 * 2 * 3 * 64 * 1.0  # well under 8 bits per element
 
 
+def test_sink_tokens_stay_exact_and_keep_sequence_order():
+    layer = VcQuantizedLayer(bits=3.0, residual_length=8, block_tokens=16, sink_tokens=4)
+    k, v = states(t=2)
+    layer.update(k, v)  # a short first step: the sink fills over several updates
+    k2, v2 = states(t=41, seed=1)
+    layer.update(k2, v2)  # blocks are formed after this step's attention: the next step reads them
+    k3, v3 = states(t=1, seed=2)
+    out_k, out_v = layer.update(k3, v3)
+    full_k, full_v = torch.cat([k, k2, k3], -2), torch.cat([v, v2, v3], -2)
+    # this step read 4 sinks, one block (tokens 4..19) and 24 residual tokens; after it
+    # the second block (20..35) is compressed and 8 stay in the window
+    assert layer.compressed_tokens() == 32 and layer.keys.shape[-2] == 8
+    assert torch.equal(out_k[..., :4, :], full_k[..., :4, :]) and torch.equal(out_v[..., :4, :], full_v[..., :4, :])
+    assert torch.equal(out_k[..., 20:, :], full_k[..., 20:, :])
+    rel = ((out_k[..., 4:20, :] - full_k[..., 4:20, :]) ** 2).sum() / (full_k[..., 4:20, :] ** 2).sum()
+    assert 0 < rel < 0.1  # compressed, in order (a shifted block would be ~2.0)
+    mem = layer.memory_bytes()
+    assert mem["residual"] == 2 * (4 + 8) * 2 * 3 * 64 * 4  # sinks + window, fp32
+
+
+def test_sink_tokens_follow_beam_reordering():
+    layer = VcQuantizedLayer(bits=4.0, residual_length=2, block_tokens=4, sink_tokens=2)
+    k, v = states(t=12)
+    layer.update(k, v)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    out_k, _ = layer.update(*states(t=1, seed=5))
+    assert torch.equal(out_k[0, :, :2], k[1, :, :2]) and torch.equal(out_k[1, :, :2], k[0, :, :2])
+    rel = ((out_k[0, :, 2:6] - k[1, :, 2:6]) ** 2).sum() / (k[1, :, 2:6] ** 2).sum()
+    assert rel < 0.05  # the compressed block follows the beams too
+
+
 def test_memory_and_rate_accounting():
-    cache = VcQuantizedCache(LlamaConfig(num_hidden_layers=2), bits=3.0, residual_length=0, block_tokens=128)
+    cache = VcQuantizedCache(
+        LlamaConfig(num_hidden_layers=2), bits=3.0, residual_length=0, block_tokens=128, sink_tokens=0
+    )
     for layer in cache.layers:
         k, v = states(t=256)
         layer.update(k, v)
@@ -81,7 +114,7 @@ def test_reset_and_reuse(tiny_src):
 
 @pytest.mark.parametrize(
     "kwargs,match", [({"bits": 0.5}, "bits=0.5"), ({"residual_length": -1}, "residual_length"),
-                     ({"block_tokens": 0}, "block_tokens")],
+                     ({"block_tokens": 0}, "block_tokens"), ({"sink_tokens": -1}, "sink_tokens")],
 )  # fmt: skip
 def test_bad_configs(tiny_src, kwargs, match):
     model = AutoModelForCausalLM.from_pretrained(tiny_src)

@@ -1,13 +1,18 @@
 """VcQuantizedCache: a transformers KV cache whose old tokens live as H.265 bitstreams.
 
-Each layer keeps the most recent tokens in full precision (the residual window)
-and compresses older tokens in blocks of ``block_tokens`` with the tensor codec,
-once per block (never re-encoded). A block ``(batch, heads, tokens, head_dim)``
+Each layer keeps the first ``sink_tokens`` tokens (the attention sinks: most of
+the attention mass lands on them, so their small errors cost the most) and the
+most recent tokens (the residual window) in full precision, and compresses the
+tokens in between in blocks of ``block_tokens`` with the tensor codec, once per
+block (never re-encoded). A block ``(batch, heads, tokens, head_dim)``
 becomes the matrix ``(batch·heads·tokens, head_dim)``: rows are token vectors and
 the codec's rotation runs along the channels, which spreads the outlier channels
 of keys. At every step the blocks are decoded transiently for attention; no
-decoded copy is kept, so the memory held is bitstreams + scales + residual
-(:meth:`VcQuantizedCache.memory_bytes`).
+decoded copy is kept, so the memory held is bitstreams + scales + the
+full-precision tokens (:meth:`VcQuantizedCache.memory_bytes`).
+
+With left padding (batch > 1) the sink positions of the shorter rows hold padding;
+their real first tokens are compressed like any other (correct, a little less exact).
 
     cache = VcQuantizedCache(model.config, bits=3.0)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
@@ -31,11 +36,16 @@ __all__ = ["VcQuantizedCache", "VcQuantizedLayer"]
 class VcQuantizedLayer(BaseQuantizedLayer):
     """One layer: compressed blocks of old tokens + a full-precision residual window."""
 
-    def __init__(self, bits: float = 3.0, residual_length: int = 128, block_tokens: int = 128, **codec) -> None:
+    def __init__(
+        self, bits: float = 3.0, residual_length: int = 128, block_tokens: int = 128, sink_tokens: int = 4, **codec
+    ) -> None:
         super().__init__()
         self.bits = bits
         self.residual_length = residual_length
         self.block_tokens = block_tokens
+        self.sink_tokens = sink_tokens
+        self._sink_keys: torch.Tensor | None = None
+        self._sink_values: torch.Tensor | None = None
         # RDOQ (the weight default) doubles encode time; blocks are encoded during generation
         self.codec = {"encoder_params": "", **codec}
         self._key_blocks: list[EncodedTensor] = []
@@ -87,14 +97,14 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        self._fill_sink()
         old_k, old_v = self._dequantize(self._key_blocks), self._dequantize(self._value_blocks)
-        if old_k is not None:
-            if self._pending_beam_idx is not None:
-                idx = self._pending_beam_idx.to(old_k.device)
-                old_k, old_v = old_k.index_select(0, idx), old_v.index_select(0, idx)
-            keys, values = torch.cat([old_k, self.keys], dim=-2), torch.cat([old_v, self.values], dim=-2)
-        else:
-            keys, values = self.keys, self.values
+        if old_k is not None and self._pending_beam_idx is not None:
+            idx = self._pending_beam_idx.to(old_k.device)
+            old_k, old_v = old_k.index_select(0, idx), old_v.index_select(0, idx)
+        # sequence order: sinks, compressed blocks, residual window
+        keys = torch.cat([t for t in (self._sink_keys, old_k, self.keys) if t is not None], dim=-2)
+        values = torch.cat([t for t in (self._sink_values, old_v, self.values) if t is not None], dim=-2)
         # move whole blocks beyond the residual window into the codec, once each
         while self.keys.shape[-2] - self.residual_length >= self.block_tokens:
             if self._pending_beam_idx is not None:
@@ -105,6 +115,20 @@ class VcQuantizedLayer(BaseQuantizedLayer):
             self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
         return keys, values
 
+    def _fill_sink(self) -> None:
+        """Move the sequence's first tokens from the residual into the sink (before any block exists)."""
+        held = 0 if self._sink_keys is None else self._sink_keys.shape[-2]
+        n = min(self.sink_tokens - held, self.keys.shape[-2])
+        if n <= 0:
+            return
+        head_k, head_v = self.keys[..., :n, :], self.values[..., :n, :]
+        if self._sink_keys is None:
+            self._sink_keys, self._sink_values = head_k.clone(), head_v.clone()
+        else:
+            self._sink_keys = torch.cat([self._sink_keys, head_k], dim=-2)
+            self._sink_values = torch.cat([self._sink_values, head_v], dim=-2)
+        self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: the residual is reordered now, compressed blocks after decoding."""
         if not self.is_initialized:
@@ -112,6 +136,9 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         beam_idx = beam_idx.to(self.keys.device)
         self.keys = self.keys.index_select(0, beam_idx)
         self.values = self.values.index_select(0, beam_idx)
+        if self._sink_keys is not None:
+            self._sink_keys = self._sink_keys.index_select(0, beam_idx)
+            self._sink_values = self._sink_values.index_select(0, beam_idx)
         if self._key_blocks:
             pending = self._pending_beam_idx
             self._pending_beam_idx = beam_idx.clone() if pending is None else pending.index_select(0, beam_idx)
@@ -119,6 +146,7 @@ class VcQuantizedLayer(BaseQuantizedLayer):
     def reset(self) -> None:
         super().reset()
         self._key_blocks, self._value_blocks = [], []
+        self._sink_keys = self._sink_values = None
         self._pending_beam_idx = None
         self._step_offset = {"keys": 0.0, "values": 0.0}
 
@@ -137,10 +165,9 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
     def memory_bytes(self) -> dict[str, int]:
         compressed = sum(_block_bytes(e) for e in self._key_blocks + self._value_blocks)
-        residual = 0
-        if self.is_initialized:
-            residual = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
-        return {"compressed": compressed, "residual": residual}
+        tensors = (self.keys, self.values, self._sink_keys, self._sink_values) if self.is_initialized else ()
+        full = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return {"compressed": compressed, "residual": full}
 
 
 def _block_bytes(enc: EncodedTensor) -> int:
@@ -161,27 +188,40 @@ class VcQuantizedCache(Cache):
         bits: target all-in bits per cached element for compressed blocks (fractional).
         residual_length: most recent tokens kept in full precision.
         block_tokens: tokens per compressed block (larger: less header overhead, coarser).
+        sink_tokens: first tokens kept in full precision (attention sinks; 0 disables).
         **codec: tensor-codec options (``preset``, ``rotation``, ``codec``, …).
     """
 
-    def __init__(self, config, bits: float = 3.0, residual_length: int = 128, block_tokens: int = 128, **codec):
+    def __init__(
+        self,
+        config,
+        bits: float = 3.0,
+        residual_length: int = 128,
+        block_tokens: int = 128,
+        sink_tokens: int = 4,
+        **codec,
+    ):
         if not 1.0 <= float(bits) <= 8.0:
             raise VcConfigError(f"VcQuantizedCache: bits={bits!r} outside [1, 8]")
-        if residual_length < 0 or block_tokens < 1:
+        if residual_length < 0 or block_tokens < 1 or sink_tokens < 0:
             raise VcConfigError(
-                f"VcQuantizedCache: residual_length={residual_length!r} must be >= 0 and "
-                f"block_tokens={block_tokens!r} >= 1"
+                f"VcQuantizedCache: residual_length={residual_length!r} and sink_tokens={sink_tokens!r} "
+                f"must be >= 0 and block_tokens={block_tokens!r} >= 1"
             )
         text = config.get_text_config(decoder=True)
         layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
         if layer_types - {"full_attention"}:
             raise VcConfigError(f"VcQuantizedCache supports full-attention layers only, found {sorted(layer_types)}")
-        layers = [VcQuantizedLayer(bits, residual_length, block_tokens, **codec) for _ in range(text.num_hidden_layers)]
+        layers = [
+            VcQuantizedLayer(bits, residual_length, block_tokens, sink_tokens, **codec)
+            for _ in range(text.num_hidden_layers)
+        ]
         super().__init__(layers=layers)
         self.bits = bits
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: compressed bitstreams + scales + metadata, and the residual window."""
+        """Bytes held: compressed bitstreams + scales + metadata, and the full-precision tokens
+        (``residual``: the sink tokens and the residual window)."""
         total = {"compressed": 0, "residual": 0}
         for layer in self.layers:
             for k, v in layer.memory_bytes().items():
