@@ -1,6 +1,6 @@
-"""Which x265 knobs lower weight MSE per bit? One run, same matrices, same target rates.
+"""Which encoder knobs lower weight MSE per bit? One run, same matrices, same target rates.
 
-For each encoder setting (preset + extra x265 parameters) every matrix is encoded at
+For each encoder setting (codec + preset + extra encoder parameters) every matrix is encoded at
 each target rate through the full codec (rotation, 8-bit map, rate control), and
 the table gives the all-in rate, the relative MSE, its ratio to the Gaussian
 Shannon bound 2^(-2R) at the achieved rate, and the encode time (2 cores here:
@@ -21,15 +21,19 @@ from safetensors.torch import load_file
 from vc_quant import decode_tensor, encode_tensor
 from vc_quant.testing import smollm2_checkpoint
 
-SETTINGS = [
-    ("superfast, no RDOQ", "superfast", ""),
-    ("superfast + rdoq-level=2 (default)", "superfast", "rdoq-level=2"),
-    ("superfast + rdoq-level=1", "superfast", "rdoq-level=1"),
-    ("superfast + tu-intra-depth=3", "superfast", "tu-intra-depth=3"),
-    ("superfast + rd=4", "superfast", "rd=4"),
-    ("superfast + ctu=32", "superfast", "ctu=32"),
-    ("superfast + no-signhide", "superfast", "no-signhide=1"),
-    ("slow", "slow", ""),
+SETTINGS = [  # (label, codec, preset, encoder_params)
+    ("superfast, no RDOQ", "hevc", "superfast", ""),
+    ("superfast + rdoq-level=2 (default)", "hevc", "superfast", "rdoq-level=2"),
+    ("superfast + rdoq-level=1", "hevc", "superfast", "rdoq-level=1"),
+    ("superfast + tu-intra-depth=3", "hevc", "superfast", "tu-intra-depth=3"),
+    ("superfast + rd=4", "hevc", "superfast", "rd=4"),
+    ("superfast + ctu=32", "hevc", "superfast", "ctu=32"),
+    ("superfast + no-signhide", "hevc", "superfast", "no-signhide=1"),
+    ("slow", "hevc", "slow", ""),
+    ("av1 preset 10", "av1", "10", ""),
+    ("av1 preset 8", "av1", "8", ""),
+    ("av1 preset 6", "av1", "6", ""),
+    ("av1 preset 4", "av1", "4", ""),
 ]
 MATRICES = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
 
@@ -50,12 +54,15 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     settings = [s for s in SETTINGS if not args.only or any(o in s[0] for o in args.only)]
-    for label, preset, extra in settings:
+    for label, codec, preset, extra in settings:
         for target in args.targets:
             err = ref = bits = 0.0
             numel = 0
             t0 = time.perf_counter()
-            encs = {k: encode_tensor(w, target, name=k, preset=preset, encoder_params=extra) for k, w in mats.items()}
+            encs = {
+                k: encode_tensor(w, target, name=k, codec=codec, preset=preset, encoder_params=extra)
+                for k, w in mats.items()
+            }
             secs = time.perf_counter() - t0
             for k, w in mats.items():
                 err += float(((decode_tensor(encs[k]).float() - w.float()) ** 2).sum())

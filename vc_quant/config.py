@@ -28,9 +28,12 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             in [1, 8]; the average over all quantized weights lands on it.
         codec, preset, rotation, seed, scale, tile, encoder_params: tensor-codec options
             (see :class:`vc_quant.CodecOptions`; defaults are the measured best).
-            ``encoder_params`` passes extra x265 parameters (default ``"rdoq-level=2"``:
-            rate-distortion-optimised quantisation, measured 97.6 → 80.2 perplexity at
-            2.5 bpw on SmolLM2 for ~1.6x the quantize time; ``""`` turns it off).
+            ``codec``: ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"`` (SVT-AV1
+            → dav1d: lower error per bit and faster encodes, decoded on the CPU) or
+            ``"h264"``. ``encoder_params`` passes extra encoder parameters; ``None``
+            (default) means the codec's measured default: for HEVC ``"rdoq-level=2"``
+            (rate-distortion-optimised quantisation, 97.6 → 80.2 perplexity at 2.5 bpw
+            on SmolLM2 for ~1.6x the quantize time; ``""`` turns it off).
         modules_to_not_convert: extra module names (or name fragments) kept in full
             precision. They are **merged** with the defaults (``lm_head``, embeddings,
             tied weights), never replace them.
@@ -60,7 +63,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         seed: int = 0,
         scale: str = "tensor",
         tile: int = 2048,
-        encoder_params: str = "rdoq-level=2",
+        encoder_params: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,

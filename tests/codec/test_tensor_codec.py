@@ -67,7 +67,9 @@ def test_deterministic_bytes(gaussian):
     assert not torch.equal(a.bitstream, c.bitstream)
 
 
-@pytest.mark.parametrize("options", [{"rotation": False}, {"scale": "row"}, {"tile": 256}, {"codec": "h264"}])
+@pytest.mark.parametrize(
+    "options", [{"rotation": False}, {"scale": "row"}, {"tile": 256}, {"codec": "h264"}, {"codec": "av1"}]
+)
 def test_options_round_trip(gaussian, options):
     w = gaussian(400, 512, seed=3)
     enc = encode_tensor(w, 3.0, **options)

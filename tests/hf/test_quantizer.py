@@ -193,3 +193,24 @@ def test_load_time_config_sets_the_decode_backend(tiny_quantized):
     assert config.decode_backend == "cpu" and config.bits == 3
     with torch.no_grad():
         assert torch.allclose(model(IDS).logits, ref, atol=1e-4)
+
+
+def test_av1_checkpoint_round_trips_and_stays_off_nvdec(tiny_src, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_src, quantization_config=VcQuantizationConfig(bits=3.0, codec="av1")
+    )
+    assert abs(model.vc_quant_report.bits_per_weight - 3.0) <= 0.03
+    with torch.no_grad():
+        ref = model(IDS).logits
+    model.save_pretrained(tmp_path / "av1")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "av1")
+    with torch.no_grad():
+        assert torch.allclose(again(IDS).logits, ref, atol=1e-4)
+    # the NVDEC path is HEVC-only: a CUDA target decodes AV1 on the CPU and says why
+    quantizer = again.hf_quantizer
+    assert not quantizer._use_nvdec(torch.device("cuda"), "av1")
+    assert "av1" in quantizer.report.decode_fallback_reason
+    with pytest.raises(vc_quant.VcConfigError, match="codec is 'av1'"):
+        AutoModelForCausalLM.from_pretrained(
+            tmp_path / "av1", quantization_config=VcQuantizationConfig(decode_backend="nvdec")
+        )

@@ -23,6 +23,7 @@ import torch
 from vc_quant.codec import frames as fr
 from vc_quant.codec import transform as tf
 from vc_quant.codec.backends import EncoderSettings, VideoBackend, get_backend
+from vc_quant.codec.backends.pyav import svt_preset
 from vc_quant.codec.ratecontrol import Trial, search_rate, split_log_step
 from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
@@ -46,10 +47,9 @@ class CodecOptions:
     scale: str = "tensor"  # "tensor": one affine map (MSE-optimal); "row": per-row min/max
     tile: int = 2048  # largest frame side
     chroma_qp_match: bool = True
-    # extra x265/x264 parameters, "key=value:key=value". Default: RDOQ, measured on SmolLM2
-    # (x265_knobs.py, rd_sweep): -4% weight MSE at 2.5 bpw, -9% at 4.0, perplexity at 2.5 bpw
-    # 97.6 -> 80.2, at ~1.6x the encode time
-    encoder_params: str = "rdoq-level=2"
+    # extra encoder parameters, "key=value:key=value" (x265 / x264 / SVT-AV1 syntax);
+    # None: the backend's measured default (HEVC: rdoq-level=2, see HevcBackend)
+    encoder_params: str | None = None
     threads: int = 0
     tolerance: float = 0.03  # allowed |achieved - target| in all-in bits per value
     qp: int | None = None  # fixed QP (amplitude 1): bypasses rate control
@@ -68,8 +68,10 @@ class CodecOptions:
             raise VcConfigError(f"rotation={self.rotation!r}: expected True or False")
         if not (0 < self.tolerance < 1):
             raise VcConfigError(f"tolerance={self.tolerance!r}: expected a value in (0, 1) bits per value")
-        if not isinstance(self.encoder_params, str) or any(
-            not re.fullmatch(r"[a-z0-9-]+(=[^:=\s]+)?", item) for item in self.encoder_params.split(":") if item
+        params = self.encoder_params
+        if params is not None and (
+            not isinstance(params, str)
+            or any(not re.fullmatch(r"[a-z0-9-]+(=[^:=\s]+)?", item) for item in params.split(":") if item)
         ):
             raise VcConfigError(
                 f"encoder_params={self.encoder_params!r}: expected 'key=value:key=value' encoder parameters"
@@ -77,6 +79,8 @@ class CodecOptions:
         if self.threads < 0:
             raise VcConfigError(f"threads={self.threads!r}: expected >= 0 (0 = all cores)")
         fr.plan_layout(1, 1, self.tile)  # validates tile
+        if self.codec == "av1":
+            svt_preset(self.preset)  # validates the preset before any encode
 
     @classmethod
     def from_kwargs(cls, **options) -> CodecOptions:
@@ -255,7 +259,10 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
         "scale": opts.scale,
     }
     settings = EncoderSettings(
-        preset=opts.preset, threads=opts.threads, chroma_qp_match=opts.chroma_qp_match, extra_params=opts.encoder_params
+        preset=opts.preset,
+        threads=opts.threads,
+        chroma_qp_match=opts.chroma_qp_match,
+        extra_params=backend.default_params if opts.encoder_params is None else opts.encoder_params,
     )
     p = _Prepared(x, opts.scale == "row", layout, meta, backend, settings)
 

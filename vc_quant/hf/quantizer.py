@@ -17,7 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from vc_quant import format as fmt
 from vc_quant.allocation import calibration_sequences, plan_bits
 from vc_quant.codec import EncodedTensor, decode_tensor, encode_tensor
-from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_tensor_nvdec, nvdec_status
+from vc_quant.codec.backends.nvcodec import NVDEC_CODECS, NvdecDecoderPool, decode_tensor_nvdec, nvdec_status
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError
 from vc_quant.hf.ops import VcDeserialize, VcQuantize
@@ -88,6 +88,11 @@ class VcHfQuantizer(HfQuantizer):
                 "(`vc-quant compress SRC DST`), then load DST with device_map"
             )
         if self.quantization_config.decode_backend == "nvdec":
+            if self.quantization_config.codec not in NVDEC_CODECS:
+                raise VcConfigError(
+                    f"decode_backend='nvdec' but this checkpoint's codec is {self.quantization_config.codec!r}; "
+                    f"the NVDEC path decodes {NVDEC_CODECS}: use decode_backend='cpu' or 'auto'"
+                )
             status = nvdec_status()
             if not status:
                 raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {status.reason}")
@@ -157,9 +162,12 @@ class VcHfQuantizer(HfQuantizer):
             self._shutdown()
 
     # --- decode ----------------------------------------------------------------------------
-    def _use_nvdec(self, device: torch.device) -> bool:
+    def _use_nvdec(self, device: torch.device, codec: str) -> bool:
         """NVDEC for CUDA targets unless the config says cpu; records why not."""
         if device.type != "cuda" or self.quantization_config.decode_backend == "cpu":
+            return False
+        if codec not in NVDEC_CODECS:
+            self.report.decode_fallback_reason = f"the NVDEC path decodes {NVDEC_CODECS} streams, not {codec!r}"
             return False
         status = nvdec_status()
         if not status:
@@ -169,7 +177,7 @@ class VcHfQuantizer(HfQuantizer):
     def decode(self, enc: EncodedTensor, device, dtype: torch.dtype, name: str = "tensor") -> torch.Tensor:
         """Decode on the configured backend; CPU FFmpeg when NVDEC is not usable."""
         device = torch.device(device)
-        if self._use_nvdec(device):
+        if self._use_nvdec(device, enc.meta["codec"]):
             self.report.decode_backend = "nvdec"
             return decode_tensor_nvdec(enc, device=device, dtype=dtype, name=name)
         return decode_tensor(enc, device="cpu", dtype=dtype).to(device)
@@ -187,7 +195,7 @@ class VcHfQuantizer(HfQuantizer):
             enc.verify(param_name)
             return self.decode(enc, device, dtype, name=param_name)
         out = torch.empty(enc.shape, dtype=dtype, device=device)
-        if self._use_nvdec(device):
+        if self._use_nvdec(device, enc.meta["codec"]):
             self.report.decode_backend = "nvdec"
             if self._nvdec_pool is None:
                 self._nvdec_pool = NvdecDecoderPool()

@@ -7,9 +7,10 @@ from vc_quant.codec.backends.base import (
     get_backend,
     register_backend,
 )
-from vc_quant.codec.backends.pyav import H264Backend, HevcBackend
+from vc_quant.codec.backends.pyav import Av1Backend, H264Backend, HevcBackend
 
 register_backend("hevc", HevcBackend)
 register_backend("h264", H264Backend)
+register_backend("av1", Av1Backend)
 
 __all__ = ["EncoderSettings", "VideoBackend", "available_backends", "get_backend", "register_backend"]

@@ -34,6 +34,8 @@ class VideoBackend(ABC):
     #: name of the decoder FFmpeg uses for this codec (CPU reference decoder)
     qp_min: int
     qp_max: int
+    #: extra encoder parameters used when the caller gives none (``encoder_params=None``)
+    default_params: str = ""
 
     @staticmethod
     def log2_step(qp: int) -> float:

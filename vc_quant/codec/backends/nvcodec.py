@@ -37,6 +37,11 @@ ENV_SESSIONS = "VC_QUANT_NVDEC_SESSIONS"
 _DEFAULT_MAX_SIDE = 2048  # the default tile: NVDEC surfaces of a session are sized for it
 
 
+# Codecs the NVDEC path is built and tested for (bit-identical to FFmpeg on an H100).
+# AV1 decodes on NVDEC in hardware too, but that path has not been run on a GPU yet.
+NVDEC_CODECS = ("hevc",)
+
+
 @dataclass(frozen=True)
 class NvdecStatus:
     """Whether NVDEC HEVC decoding can run here, and why not when it cannot."""
