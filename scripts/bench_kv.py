@@ -7,9 +7,14 @@ attend to earlier chunks through the cache (and its codec).
 Caches: DynamicCache (reference), an RTN cache of our own (transformers'
 QuantizedLayer machinery, KIVI-style: keys per channel, values per token, groups of
 64, asymmetric; HQQ/quanto do not install here) at 2 and 4 bits, and
-VcQuantizedCache at 2/3/4 bits, all with the same residual window.
+VcQuantizedCache (``vc-BITS`` with the default codec, ``vc-CODEC-BITS`` for another),
+all with the same residual window.
 
-    python scripts/bench_kv.py [--windows 2] [--seqlen 1024] [--chunk 128] [--residual 128]
+Decode speed is measured over ``--decode-tokens`` generated tokens after a
+``--memory-tokens[0]``-token prompt; the default 128 covers one block flush (encode)
+of every layer, as a long generation pays it.
+
+    python scripts/bench_kv.py [--windows 2] [--seqlen 1024] [--chunk 128] [--residual 128] [--sink 4]
 """
 
 from __future__ import annotations
@@ -72,11 +77,12 @@ class RTNCache(Cache):
 def make_cache(name: str, config, args):
     if name == "dynamic":
         return DynamicCache(config=config)
-    kind, bits = name.split("-")
+    kind, *codec, bits = name.split("-")
     if kind == "rtn":
         return RTNCache(config, int(bits), args.residual)
+    options = {"codec": codec[0]} if codec else {}
     return vc_quant.VcQuantizedCache(config, bits=float(bits), residual_length=args.residual,
-                                     block_tokens=args.block)  # fmt: skip
+                                     block_tokens=args.block, sink_tokens=args.sink, **options)  # fmt: skip
 
 
 def fp16_bytes(cache, config) -> int:
@@ -124,16 +130,43 @@ def decode_speed(model, ids, name, args) -> float:
     return args.decode_tokens / (time.perf_counter() - t0)
 
 
+def plot(rows, ref, n_tokens: int, path: Path) -> None:
+    """Perplexity increase vs memory at ``n_tokens`` (left) and decode speed (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in rows:
+        dppl = 100 * (r["ppl"] / ref["ppl"] - 1) if ref else 0.0
+        left.scatter(r[f"fp16_ratio_{n_tokens}"], dppl, label=r["cache"])
+        left.annotate(r["cache"], (r[f"fp16_ratio_{n_tokens}"], dppl), fontsize=7)
+    left.set_xlabel(f"memory: x smaller than fp16 at {n_tokens} tokens")
+    left.set_ylabel("perplexity increase vs DynamicCache (%)")
+    left.set_yscale("symlog", linthresh=1.0)
+    left.grid(True, alpha=0.3)
+    right.bar([r["cache"] for r in rows], [r["decode_tokens_per_s"] for r in rows])
+    right.set_ylabel("decode tokens/s")
+    right.tick_params(axis="x", rotation=45)
+    fig.suptitle("KV caches on SmolLM2-135M (chunked prefill, same residual window)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--caches", nargs="*", default=["dynamic", "rtn-2", "rtn-4", "vc-2.0", "vc-3.0", "vc-4.0"])
+    ap.add_argument(
+        "--caches", nargs="*", default=["dynamic", "rtn-2", "rtn-4", "vc-2.0", "vc-2.5", "vc-3.0", "vc-hevc-2.5"]
+    )
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--sink", type=int, default=4, help="VcQuantizedCache sink_tokens")
     ap.add_argument("--memory-tokens", type=int, nargs="*", default=[1024, 4096])
-    ap.add_argument("--decode-tokens", type=int, default=16)
+    ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--memory-dtype", default="bfloat16", help="model dtype for the memory runs (16-bit residuals)")
     ap.add_argument("--out", default="results/kv")
     args = ap.parse_args()
@@ -163,14 +196,21 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         (out / "bench_kv.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     ref = next((r for r in rows if r["cache"] == "dynamic"), None)
+    n_big = max(args.memory_tokens)
+    by_name = {r["cache"]: r for r in rows}
+    bases = [b for b in ("dynamic", "rtn-2", "rtn-4") if b in by_name]
     lines = ["| cache | ppl (chunked prefill) | Δppl vs Dynamic | " + " | ".join(
-        f"memory @{n} (x smaller than fp16)" for n in args.memory_tokens) + " | decode tok/s | vs Dynamic |",
-        "|---" * (5 + len(args.memory_tokens)) + "|"]  # fmt: skip
+        f"memory @{n} (x smaller than fp16)" for n in args.memory_tokens)
+        + f" | compressed bits/element @{n_big} | decode tok/s | " + " | ".join(f"vs {b}" for b in bases) + " |",
+        "|---" * (5 + len(args.memory_tokens) + len(bases)) + "|"]  # fmt: skip
     for r in rows:
         d = f"{100 * (r['ppl'] / ref['ppl'] - 1):+.1f}%" if ref else "-"
         mem = " | ".join(f"{r[f'bytes_{n}'] / 1e6:.2f} MB ({r[f'fp16_ratio_{n}']:.1f}x)" for n in args.memory_tokens)
-        speed = f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}" if ref else "-"
-        lines.append(f"| {r['cache']} | {r['ppl']:.3f} | {d} | {mem} | {r['decode_tokens_per_s']:.2f} | {speed} |")
+        bpe = f"{r[f'bits_per_element_{n_big}']:.2f}" if f"bits_per_element_{n_big}" in r else "-"
+        tps = r["decode_tokens_per_s"]
+        speed = " | ".join(f"{tps / by_name[b]['decode_tokens_per_s']:.2f}" for b in bases)
+        lines.append(f"| {r['cache']} | {r['ppl']:.3f} | {d} | {mem} | {bpe} | {tps:.2f} | {speed} |")
+    plot(rows, ref, n_big, out / "bench_kv.png")
     (out / "bench_kv.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

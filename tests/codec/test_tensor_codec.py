@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vc_quant import EncodedTensor, VcConfigError, VcCorruptDataError, VcInputError, decode_tensor, encode_tensor
+from vc_quant.codec.tensor_codec import decode_tensors_alike
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 
 
@@ -178,3 +179,20 @@ def test_encoder_params_reach_the_encoder_and_are_validated(gaussian):
     assert rel_mse(decode_tensor(rdoq), w) < 0.05
     with pytest.raises(VcConfigError, match="encoder_params"):
         encode_tensor(w, 3.0, encoder_params="rdoq level=2")
+
+
+@pytest.mark.parametrize("shape", [(384, 64), (1000,), (3, 2, 40, 64)])
+@pytest.mark.parametrize("options", [{}, {"scale": "row"}, {"rotation": False}])
+def test_batched_decode_equals_one_by_one(shape, options):
+    g = torch.Generator().manual_seed(1)
+    encs = [encode_tensor(torch.randn(shape, generator=g), 3.0, **options) for _ in range(3)]
+    batched = decode_tensors_alike(encs)
+    assert batched.shape == (3, *shape)
+    for i, enc in enumerate(encs):
+        assert torch.equal(batched[i], decode_tensor(enc))
+
+
+def test_batched_decode_refuses_mixed_records(gaussian):
+    a, b = encode_tensor(gaussian(64, 64), 3.0), encode_tensor(gaussian(64, 96), 3.0)
+    with pytest.raises(VcConfigError, match="differ"):
+        decode_tensors_alike([a, b])

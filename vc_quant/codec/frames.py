@@ -156,12 +156,31 @@ def nv12_into_canvas(nv12: torch.Tensor, canvas: torch.Tensor, index: int, layou
 
 
 def canvas_to_matrix(canvas: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
-    """The canvas → the ``(rows, cols)`` uint8 matrix (undo strips / row grouping / padding)."""
+    """The canvas → the ``(rows, cols)`` uint8 matrix (undo strips / row grouping / padding).
+
+    Leading dimensions are kept: ``(..., canvas rows, W)`` → ``(..., rows, cols)``.
+    """
+    lead = canvas.shape[:-2]
     if layout.strips > 1:
         strip_w = math.ceil(layout.cols / layout.strips)
-        strips = canvas[: layout.canvas_rows, :strip_w].split(layout.rows, dim=0)
-        return torch.cat(strips, dim=1)[:, : layout.cols]
+        strips = canvas[..., : layout.canvas_rows, :strip_w].split(layout.rows, dim=-2)
+        return torch.cat(strips, dim=-1)[..., : layout.cols]
     if layout.group > 1:
-        data = canvas[: layout.canvas_rows, : layout.cols * layout.group]
-        return data.reshape(layout.canvas_rows * layout.group, layout.cols)[: layout.rows]
-    return canvas[: layout.rows, : layout.cols]
+        data = canvas[..., : layout.canvas_rows, : layout.cols * layout.group]
+        return data.reshape(*lead, layout.canvas_rows * layout.group, layout.cols)[..., : layout.rows, :]
+    return canvas[..., : layout.rows, : layout.cols]
+
+
+def unpack_single_frames(frames: torch.Tensor, layout: FrameLayout) -> torch.Tensor:
+    """``(B, 1.5H, W)`` yuv420p frames of B matrices sharing a one-frame ``layout`` → ``(B, rows, cols)``.
+
+    The batched form of :func:`unpack` for many small tensors (KV-cache blocks).
+    """
+    if layout.n_frames != 1:
+        raise VcConfigError(f"unpack_single_frames: layout has {layout.n_frames} frames per matrix, expected 1")
+    w, h = layout.width, layout.height
+    flat = frames.reshape(frames.shape[0], -1)
+    y = flat[:, : h * w].reshape(-1, h, w)
+    u = flat[:, h * w : h * w + h * w // 4].reshape(-1, h // 2, w // 2)
+    v = flat[:, h * w + h * w // 4 :].reshape(-1, h // 2, w // 2)
+    return canvas_to_matrix(torch.cat([y, torch.cat([u, v], dim=2)], dim=1), layout)

@@ -48,7 +48,10 @@ class VideoBackend(ABC):
 
     @abstractmethod
     def decode(self, packets: list[bytes], width: int, height: int, threads: int = 1) -> list[np.ndarray]:
-        """Decode packets back into ``(1.5H, W)`` uint8 frames (``threads`` inside one frame)."""
+        """Decode packets back into ``(1.5H, W)`` uint8 frames.
+
+        ``threads``: decoder threads, inside the picture for one packet, across pictures for several.
+        """
 
 
 _FACTORIES: dict[str, Callable[[], VideoBackend]] = {}

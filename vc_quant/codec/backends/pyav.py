@@ -69,8 +69,10 @@ class _PyAVBackend(VideoBackend):
     def decode(self, packets: list[bytes], width: int, height: int, threads: int = 1) -> list[np.ndarray]:
         av = self._av
         ctx = av.CodecContext.create(self.decoder, "r")
-        # slice threading decodes x265's wavefront (WPP) rows in parallel: ~2x on 2 cores
-        ctx.thread_count, ctx.thread_type = threads, "SLICE"
+        # one picture: slice threading decodes x265's wavefront (WPP) rows in parallel (~2x on
+        # 2 cores); many small pictures (KV-cache blocks): frame threading decodes several
+        # at once (measured 1.7x for HEVC, 1.9x for dav1d on 2 cores; same samples)
+        ctx.thread_count, ctx.thread_type = threads, ("FRAME" if len(packets) > 1 else "SLICE")
         out = []
         try:
             for data in packets:
