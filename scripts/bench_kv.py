@@ -6,7 +6,8 @@ attend to earlier chunks through the cache (and its codec).
 
 Caches: DynamicCache (reference), an RTN cache of our own (transformers'
 QuantizedLayer machinery, KIVI-style: keys per channel, values per token, groups of
-64, asymmetric; HQQ/quanto do not install here) at 2 and 4 bits, and
+64, asymmetric; HQQ/quanto do not install here) at 2 and 4 bits (``rtn-B``; with
+full-precision sink tokens like VcQuantizedCache's: ``rtnsink-B``), and
 VcQuantizedCache (``vc-BITS`` with the default codec, ``vc-CODEC-BITS`` for another),
 all with the same residual window.
 
@@ -62,12 +63,36 @@ class RTNLayer(QuantizedLayer):
         return total
 
 
+class RTNSinkLayer(RTNLayer):
+    """RTNLayer keeping the first ``sink_tokens`` in full precision (a fair baseline for VcQuantizedCache)."""
+
+    def __init__(self, sink_tokens: int, **kwargs):
+        super().__init__(**kwargs)
+        self.sink_tokens = sink_tokens
+        self.sink = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.sink is None:  # the prompt's first tokens (benchmarks feed >= sink_tokens at once)
+            n = self.sink_tokens
+            self.sink = (key_states[..., :n, :], value_states[..., :n, :])
+            key_states, value_states = key_states[..., n:, :], value_states[..., n:, :]
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return torch.cat([self.sink[0], keys], dim=-2), torch.cat([self.sink[1], values], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return super().get_seq_length() + (self.sink[0].shape[-2] if self.sink is not None else 0)
+
+    def nbytes(self) -> int:
+        sink = sum(t.numel() * t.element_size() for t in self.sink) if self.sink is not None else 0
+        return super().nbytes() + sink
+
+
 class RTNCache(Cache):
-    def __init__(self, config, nbits: int, residual_length: int):
+    def __init__(self, config, nbits: int, residual_length: int, sink_tokens: int = 0):
         n = config.get_text_config(decoder=True).num_hidden_layers
         # keys per channel (axis -2 groups run along tokens), values per token (groups along channels)
-        layers = [RTNLayer(nbits=nbits, axis_key=0, axis_value=-1, q_group_size=64, residual_length=residual_length)
-                  for _ in range(n)]  # fmt: skip
+        kw = dict(nbits=nbits, axis_key=0, axis_value=-1, q_group_size=64, residual_length=residual_length)
+        layers = [RTNSinkLayer(sink_tokens, **kw) if sink_tokens else RTNLayer(**kw) for _ in range(n)]
         super().__init__(layers=layers)
 
     def memory_bytes(self) -> dict[str, int]:
@@ -78,8 +103,8 @@ def make_cache(name: str, config, args):
     if name == "dynamic":
         return DynamicCache(config=config)
     kind, *codec, bits = name.split("-")
-    if kind == "rtn":
-        return RTNCache(config, int(bits), args.residual)
+    if kind in ("rtn", "rtnsink"):
+        return RTNCache(config, int(bits), args.residual, sink_tokens=args.sink if kind == "rtnsink" else 0)
     options = {"codec": codec[0]} if codec else {}
     return vc_quant.VcQuantizedCache(config, bits=float(bits), residual_length=args.residual,
                                      block_tokens=args.block, sink_tokens=args.sink, **options)  # fmt: skip
