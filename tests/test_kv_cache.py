@@ -25,7 +25,7 @@ def test_residual_part_matches_dynamic_cache_exactly():
 def test_old_tokens_are_compressed_in_blocks_with_bounded_error():
     layer = VcQuantizedLayer(bits=4.0, residual_length=16, block_tokens=64, sink_tokens=0)
     k, v = states(t=100)
-    layer.update(k, v)  # 100 - 16 = 84 -> one block of 64 compressed, 36 residual
+    layer.update(k, v)  # window full (>= max(16, 64)): one block of 64 compressed, 36 stay
     assert layer.compressed_tokens() == 64 and layer.keys.shape[-2] == 36
     k2, v2 = states(t=1, seed=3)
     out_k, out_v = layer.update(k2, v2)
@@ -43,18 +43,17 @@ def test_sink_tokens_stay_exact_and_keep_sequence_order():
     layer.update(k, v)  # a short first step: the sink fills over several updates
     k2, v2 = states(t=41, seed=1)
     layer.update(k2, v2)  # blocks are formed after this step's attention: the next step reads them
+    # 43 tokens: 4 sinks; the window (capacity 8 < block 16) flushes 16 + 16 (tokens 4..35), keeps 7
+    assert layer.compressed_tokens() == 32 and layer.keys.shape[-2] == 7
     k3, v3 = states(t=1, seed=2)
     out_k, out_v = layer.update(k3, v3)
     full_k, full_v = torch.cat([k, k2, k3], -2), torch.cat([v, v2, v3], -2)
-    # this step read 4 sinks, one block (tokens 4..19) and 24 residual tokens; after it
-    # the second block (20..35) is compressed and 8 stay in the window
-    assert layer.compressed_tokens() == 32 and layer.keys.shape[-2] == 8
     assert torch.equal(out_k[..., :4, :], full_k[..., :4, :]) and torch.equal(out_v[..., :4, :], full_v[..., :4, :])
-    assert torch.equal(out_k[..., 20:, :], full_k[..., 20:, :])
-    rel = ((out_k[..., 4:20, :] - full_k[..., 4:20, :]) ** 2).sum() / (full_k[..., 4:20, :] ** 2).sum()
+    assert torch.equal(out_k[..., 36:, :], full_k[..., 36:, :])
+    rel = ((out_k[..., 4:36, :] - full_k[..., 4:36, :]) ** 2).sum() / (full_k[..., 4:36, :] ** 2).sum()
     assert 0 < rel < 0.1  # compressed, in order (a shifted block would be ~2.0)
     mem = layer.memory_bytes()
-    assert mem["residual"] == 2 * (4 + 8) * 2 * 3 * 64 * 4  # sinks + window, fp32
+    assert mem["residual"] == 2 * (4 + 8) * 2 * 3 * 64 * 4  # sinks + window (7 + the new token), fp32
 
 
 def test_sink_tokens_follow_beam_reordering():
@@ -126,3 +125,15 @@ def test_unsupported_operations_raise_clearly():
     layer = VcQuantizedLayer()
     with pytest.raises(VcConfigError, match="crop"):
         layer.crop(3)
+
+
+def test_window_flushes_like_transformers_quantized_cache():
+    """residual_length is the window's capacity: with block = window, 0..127 recent tokens stay exact."""
+    layer = VcQuantizedLayer(bits=3.0, residual_length=128, block_tokens=128, sink_tokens=4)
+    k, v = states(b=1, h=1, t=4 + 127)
+    layer.update(k, v)
+    assert layer.compressed_tokens() == 0 and layer.keys.shape[-2] == 127
+    layer.update(*states(b=1, h=1, t=1, seed=1))  # the window reaches 128: all of it is compressed
+    assert layer.compressed_tokens() == 128 and layer.keys.shape[-2] == 0
+    mem = layer.memory_bytes()
+    assert mem["residual"] == 2 * 4 * 64 * 4  # only the sinks remain in full precision

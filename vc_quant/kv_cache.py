@@ -1,15 +1,16 @@
-"""VcQuantizedCache: a transformers KV cache whose old tokens live as H.265 bitstreams.
+"""VcQuantizedCache: a transformers KV cache whose old tokens live as video bitstreams.
 
 Each layer keeps the first ``sink_tokens`` tokens (the attention sinks: most of
 the attention mass lands on them, so their small errors cost the most) and the
-most recent tokens (the residual window) in full precision, and compresses the
-tokens in between in blocks of ``block_tokens`` with the tensor codec, once per
-block (never re-encoded). A block ``(batch, heads, tokens, head_dim)``
-becomes the matrix ``(batch·heads·tokens, head_dim)``: rows are token vectors and
-the codec's rotation runs along the channels, which spreads the outlier channels
-of keys. At every step the blocks are decoded transiently for attention; no
-decoded copy is kept, so the memory held is bitstreams + scales + the
-full-precision tokens (:meth:`VcQuantizedCache.memory_bytes`).
+most recent tokens (the residual window, flushed like transformers'
+QuantizedCache's) in full precision, and compresses the tokens in between in
+blocks of ``block_tokens`` with the tensor codec (AV1 by default), once per block
+(never re-encoded). A block ``(batch, heads, tokens, head_dim)`` becomes the
+matrix ``(batch·heads·tokens, head_dim)``: rows are token vectors and the codec's
+rotation runs along the channels, which spreads the outlier channels of keys. At
+every step all blocks of a layer are decoded at once for attention; no decoded
+copy is kept, so the memory held is bitstreams + scales + the full-precision
+tokens (:meth:`VcQuantizedCache.memory_bytes`).
 
 With left padding (batch > 1) the sink positions of the shorter rows hold padding;
 their real first tokens are compressed like any other (correct, a little less exact).
@@ -108,8 +109,9 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         # sequence order: sinks, compressed blocks, residual window
         keys = torch.cat([t for t in (self._sink_keys, old_k, self.keys) if t is not None], dim=-2)
         values = torch.cat([t for t in (self._sink_values, old_v, self.values) if t is not None], dim=-2)
-        # move whole blocks beyond the residual window into the codec, once each
-        while self.keys.shape[-2] - self.residual_length >= self.block_tokens:
+        # a full window hands its oldest block to the codec (once per block), as transformers'
+        # QuantizedCache flushes at residual_length: 0..residual_length-1 recent tokens stay exact
+        while self.keys.shape[-2] >= max(self.residual_length, self.block_tokens):
             if self._pending_beam_idx is not None:
                 raise VcConfigError("VcQuantizedCache: beam reordering across a block flush is not supported")
             n = self.block_tokens
@@ -189,7 +191,10 @@ class VcQuantizedCache(Cache):
     Args:
         config: the model's config (for the number of layers).
         bits: target all-in bits per cached element for compressed blocks (fractional).
-        residual_length: most recent tokens kept in full precision.
+        residual_length: capacity of the full-precision window of recent tokens (transformers'
+            QuantizedCache semantics): when it is full, its oldest ``block_tokens`` are
+            compressed, so ``residual_length - block_tokens`` to ``residual_length - 1``
+            recent tokens stay exact (up to ``block_tokens - 1`` if that is larger).
         block_tokens: tokens per compressed block (larger: less header overhead, coarser).
         sink_tokens: first tokens kept in full precision (attention sinks; 0 disables).
         **codec: tensor-codec options (``preset``, ``rotation``, ``codec``, …).

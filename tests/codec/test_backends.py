@@ -1,5 +1,7 @@
 """Video backends: the AV1 backend's own contract (HEVC/H.264 are covered through the tensor codec)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ def rel_mse(a, b):
 
 def test_av1_step_grows_with_qp():
     steps = [av1_log2_step(q) for q in range(1, 64)]
-    assert all(b > a for a, b in zip(steps, steps[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(steps))
     # measured: ~0.1 log2 units per qp above qp 30 (a doubling every ~10 qp)
     assert 0.08 < (av1_log2_step(60) - av1_log2_step(30)) / 30 < 0.12
 

@@ -181,6 +181,8 @@ def unpack_single_frames(frames: torch.Tensor, layout: FrameLayout) -> torch.Ten
     w, h = layout.width, layout.height
     flat = frames.reshape(frames.shape[0], -1)
     y = flat[:, : h * w].reshape(-1, h, w)
+    if layout.canvas_rows <= h:  # the data fits in the luma plane: no chroma to gather
+        return canvas_to_matrix(y, layout)
     u = flat[:, h * w : h * w + h * w // 4].reshape(-1, h // 2, w // 2)
     v = flat[:, h * w + h * w // 4 :].reshape(-1, h // 2, w // 2)
     return canvas_to_matrix(torch.cat([y, torch.cat([u, v], dim=2)], dim=1), layout)

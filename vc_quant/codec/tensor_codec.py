@@ -430,7 +430,7 @@ def decode_tensors_alike(encs: list[EncodedTensor], dtype: torch.dtype = torch.f
     pixels = fr.unpack_single_frames(torch.from_numpy(np.stack(frames)), layout)
     center = torch.stack([e.center for e in encs]).to(torch.float32)
     step = torch.stack([e.step for e in encs]).to(torch.float32)
-    x = (pixels.to(torch.float32) - tf.PIXEL_ZERO) * step + center
+    x = pixels.to(torch.float32).sub_(tf.PIXEL_ZERO).mul_(step).add_(center)  # in place: no temporaries
     if first["rotation_seed"] is not None:
         x = tf.unrotate(x, first["rotation_seed"])
     n = math.prod(first["shape"])

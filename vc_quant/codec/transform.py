@@ -34,17 +34,31 @@ def can_rotate(n: int) -> bool:
     return n >= 2 and split_pow2(n)[0] <= MAX_ODD_FACTOR
 
 
+# Largest Hadamard factor applied as one dense matmul; larger sizes are split into two
+# factors (Sylvester: H_ab = H_a ⊗ H_b). Measured on 2 cores, 5376 rows: n=64 3.3 ms with
+# log2(n) butterfly passes vs 0.27 ms as a matmul; n=512 as 16x32 factors beats both.
+_DENSE_HADAMARD_MAX = 64
+
+
+@lru_cache(maxsize=32)
+def _hadamard(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The orthonormal Sylvester–Hadamard matrix of order ``n`` (a power of two)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device, dtype)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh–Hadamard transform along the last dim (a power of two)."""
     n = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return x * (1.0 / math.sqrt(n))
+    if n <= _DENSE_HADAMARD_MAX:
+        return torch.matmul(x, _hadamard(n, x.device, x.dtype))  # symmetric: x @ H = (H x^T)^T
+    a = 1 << ((n.bit_length() - 1) // 2)  # n = a * b, a <= b, both powers of two
+    b = n // a
+    y = torch.matmul(x.reshape(*x.shape[:-1], a, b), _hadamard(b, x.device, x.dtype))
+    y = torch.matmul(_hadamard(a, x.device, x.dtype), y)  # H_a along the other factor
+    return y.reshape(x.shape)
 
 
 @lru_cache(maxsize=64)
