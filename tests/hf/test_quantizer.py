@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from vc_quant import VcQuantizationConfig
 from vc_quant.errors import VcCorruptDataError
 
 IDS = torch.tensor([[1, 2, 3, 4, 5]])
+REPO = Path(__file__).resolve().parents[2]
 
 
 def linear_names(model):
@@ -214,3 +216,10 @@ def test_av1_checkpoint_round_trips_and_stays_off_nvdec(tiny_src, tmp_path):
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "av1", quantization_config=VcQuantizationConfig(decode_backend="nvdec")
         )
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "configs").iterdir()))
+def test_every_preset_file_is_a_valid_config(preset):
+    config = VcQuantizationConfig.from_file(REPO / "configs" / preset)
+    assert 1.0 <= config.bits <= 8.0
+    config.codec_options()  # the codec accepts every option (e.g. an AV1 preset number)
