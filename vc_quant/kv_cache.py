@@ -87,10 +87,11 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         b, h, t, d = blocks[0].stats["block_shape"]
         x = decode_tensors_alike(blocks).reshape(len(blocks), b, h, t, d)
         x = x + torch.stack([e.stats["channel_mean"] for e in blocks]).to(torch.float32)
-        x = x.to(self.device, self.dtype)
-        parts = (x[:split], x[split:]) if split < len(blocks) else (x,)
+        # the residual tensors carry the states' device and dtype (transformers >= 5.24 no
+        # longer records the dtype on the layer)
+        parts = ((x[:split], self.keys), (x[split:], self.values)) if split < len(blocks) else ((x, self.keys),)
         # (n, b, h, t, d) -> (b, h, n·t, d): blocks follow each other along the tokens
-        return tuple(p.permute(1, 2, 0, 3, 4).reshape(b, h, -1, d) for p in parts)
+        return tuple(p.permute(1, 2, 0, 3, 4).reshape(b, h, -1, d).to(like.device, like.dtype) for p, like in parts)
 
     # --- cache protocol ------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
