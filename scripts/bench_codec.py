@@ -7,7 +7,7 @@ Prints and saves (JSON, markdown, PNG) in one run:
 2. encode and decode throughput (M values/s, all cores) and decode throughput
    relative to raw FFmpeg decoding of the same access units.
 
-    python scripts/bench_codec.py [--layers 2 10 20] [--out results/codec]
+    python scripts/bench_codec.py [--layers 2 10 20] [--codec hevc|av1] [--out results/codec]
 """
 
 from __future__ import annotations
@@ -49,13 +49,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 10, 20])
     ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
-    ap.add_argument("--preset", default=None, help="x265 preset (default: the codec default)")
+    ap.add_argument("--codec", default="hevc", help="picture codec: hevc (default), av1, h264")
+    ap.add_argument("--preset", default=None, help="encoder preset (default: the codec default)")
     ap.add_argument("--out", default="results/codec")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    opts = {"preset": args.preset} if args.preset else {}
+    opts = {"codec": args.codec, **({"preset": args.preset} if args.preset else {})}
 
     state = load_file(str(smollm2_checkpoint() / "model.safetensors"))
     names = [f"model.layers.{i}.{k}.weight" for i in args.layers for k in KINDS]
