@@ -81,6 +81,11 @@ def main() -> None:
         res["max_abs_logit_diff"] = (logits - torch.load({str(out / "logits.pt")!r})).abs().max().item()
         gen = m.generate(ids, max_new_tokens={args.tokens}, do_sample=False)
         res["text"] = tok.decode(gen[0], skip_special_tokens=True)
+        # the same with a compressed KV cache (a small window, so that blocks get compressed)
+        cache = vc_quant.VcQuantizedCache(m.config, bits=2.5, residual_length=16, block_tokens=16)
+        gen = m.generate(ids, past_key_values=cache, max_new_tokens={args.tokens}, do_sample=False)
+        res["text_kv"] = tok.decode(gen[0], skip_special_tokens=True)
+        res["kv_bits"], res["kv_bytes"] = cache.compressed_bits_per_element(), cache.memory_bytes()
         print("RESULT" + json.dumps(res))
     """)
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
@@ -96,6 +101,8 @@ def main() -> None:
         "quantize_seconds": quantize_s, "quantize_Mparams_per_s": report.values / quantize_s / 1e6,
         "load_seconds_fp16": load_fp16, "load_seconds_vc": load_vc, "load_ratio_vc_over_fp16": load_vc / load_fp16,
         "max_abs_logit_diff_reloaded": res["max_abs_logit_diff"], "generated": res["text"],
+        "generated_with_vc_kv_cache": res["text_kv"], "kv_cache_bits_per_element": res["kv_bits"],
+        "kv_cache_bytes": res["kv_bytes"],
     }  # fmt: skip
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     print(f"model:            {src}")
@@ -107,6 +114,10 @@ def main() -> None:
     print(f"load (new proc):  fp16 {load_fp16:.2f} s, vc_quant {load_vc:.2f} s (ratio {load_vc / load_fp16:.1f}x)")
     print(f"reloaded vs in-memory quantized model: max |logit diff| = {res['max_abs_logit_diff']}")
     print(f"generate:         {res['text']!r}")
+    kv = res["kv_bytes"]
+    print(f"+ VcQuantizedCache: {res['text_kv']!r}\n"
+          f"                  ({res['kv_bits']:.2f} bits/element compressed — 16-token blocks carry a whole "
+          f"block's overhead; {kv['compressed']} B compressed, {kv['residual']} B full precision)")  # fmt: skip
 
 
 if __name__ == "__main__":
