@@ -1,6 +1,7 @@
 """Video backends: the AV1 backend's own contract (HEVC/H.264 are covered through the tensor codec)."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -59,3 +60,11 @@ def test_av1_beats_hevc_per_bit_on_gaussian_weights(gaussian):
         errs[codec] = rel_mse(decode_tensor(enc), w)
     assert errs["av1"] < 0.97 * errs["hevc"]
     assert errs["av1"] < 1.7 * 2**-6  # measured ~1.55x the Gaussian Shannon bound
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling API")
+def test_av1_encode_leaves_the_thread_scheduling_alone():
+    """SVT-AV1 run as root switches its calling thread to SCHED_FIFO 99; the backend restores it."""
+    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    encode_tensor(torch.randn(256, 256), 3.0, codec="av1")
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before

@@ -210,7 +210,24 @@ class Av1Backend(_PyAVBackend):
         if min(w, h2 * 2 // 3) < _AV1_MIN_SIDE:
             raise VcCodecError(f"av1: frame {w}x{h2 * 2 // 3} below {_AV1_MIN_SIDE} pixels a side (SVT-AV1 can hang)")
         packets = []
-        for f in frames:  # one encoder per frame: self-contained packets
-            out = super().encode([f], qp, settings)
-            packets += out
+        with _keep_scheduling():
+            for f in frames:  # one encoder per frame: self-contained packets
+                packets += super().encode([f], qp, settings)
         return packets
+
+
+class _keep_scheduling:
+    """Restore the calling thread's scheduling policy after SVT-AV1 ran.
+
+    Run as root, SVT-AV1 switches the thread that creates an encoder to SCHED_FIFO
+    priority 99 (measured) and leaves it so; every thread and process started from it
+    afterwards inherits real-time priority, and busy-waiting threads at that priority
+    starved a 2-core machine (a CI test hung). The encoder's own threads end with it.
+    """
+
+    def __enter__(self) -> None:
+        self.saved = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+
+    def __exit__(self, *exc) -> None:
+        if self.saved and (os.sched_getscheduler(0), os.sched_getparam(0)) != self.saved:
+            os.sched_setscheduler(0, *self.saved)
