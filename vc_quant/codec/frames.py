@@ -129,17 +129,20 @@ def unpack(frames: list[torch.Tensor], layout: FrameLayout) -> torch.Tensor:
 
 def frames_to_canvas(frames: list[torch.Tensor], layout: FrameLayout) -> torch.Tensor:
     """yuv420p frames → the ``(n_frames·1.5H, W)`` canvas (luma rows, then ``[U | V]`` rows)."""
-    w, h = layout.width, layout.height
     if len(frames) != layout.n_frames:
         raise VcConfigError(f"unpack: got {len(frames)} frames, layout expects {layout.n_frames}")
-    parts = []
-    for f in frames:
-        flat = f.reshape(-1)
-        y = flat[: h * w].reshape(h, w)
-        u = flat[h * w : h * w + h * w // 4].reshape(h // 2, w // 2)
-        v = flat[h * w + h * w // 4 :].reshape(h // 2, w // 2)
-        parts += [y, torch.cat([u, v], dim=1)]
-    return torch.cat(parts, dim=0)
+    return _frame_canvases(torch.stack([f.reshape(-1) for f in frames]), layout).reshape(-1, layout.width)
+
+
+def _frame_canvases(flat: torch.Tensor, layout: FrameLayout, luma_only: bool = False) -> torch.Tensor:
+    """``(B, 1.5H·W)`` yuv420p pictures → ``(B, 1.5H, W)`` canvas pieces (``(B, H, W)`` with ``luma_only``)."""
+    w, h = layout.width, layout.height
+    y = flat[:, : h * w].reshape(-1, h, w)
+    if luma_only:
+        return y
+    u = flat[:, h * w : h * w + h * w // 4].reshape(-1, h // 2, w // 2)
+    v = flat[:, h * w + h * w // 4 :].reshape(-1, h // 2, w // 2)
+    return torch.cat([y, torch.cat([u, v], dim=2)], dim=1)
 
 
 def nv12_into_canvas(nv12: torch.Tensor, canvas: torch.Tensor, index: int, layout: FrameLayout) -> None:
@@ -178,11 +181,6 @@ def unpack_single_frames(frames: torch.Tensor, layout: FrameLayout) -> torch.Ten
     """
     if layout.n_frames != 1:
         raise VcConfigError(f"unpack_single_frames: layout has {layout.n_frames} frames per matrix, expected 1")
-    w, h = layout.width, layout.height
-    flat = frames.reshape(frames.shape[0], -1)
-    y = flat[:, : h * w].reshape(-1, h, w)
-    if layout.canvas_rows <= h:  # the data fits in the luma plane: no chroma to gather
-        return canvas_to_matrix(y, layout)
-    u = flat[:, h * w : h * w + h * w // 4].reshape(-1, h // 2, w // 2)
-    v = flat[:, h * w + h * w // 4 :].reshape(-1, h // 2, w // 2)
-    return canvas_to_matrix(torch.cat([y, torch.cat([u, v], dim=2)], dim=1), layout)
+    # the data may fit in the luma plane: then no chroma to gather
+    canvas = _frame_canvases(frames.reshape(frames.shape[0], -1), layout, luma_only=layout.canvas_rows <= layout.height)
+    return canvas_to_matrix(canvas, layout)

@@ -22,8 +22,7 @@ import torch
 
 from vc_quant.codec import frames as fr
 from vc_quant.codec import transform as tf
-from vc_quant.codec.backends import EncoderSettings, VideoBackend, get_backend
-from vc_quant.codec.backends.pyav import svt_preset
+from vc_quant.codec.backends import EncoderSettings, VideoBackend, check_preset, get_backend
 from vc_quant.codec.ratecontrol import Trial, search_rate, split_log_step
 from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
@@ -79,8 +78,7 @@ class CodecOptions:
         if self.threads < 0:
             raise VcConfigError(f"threads={self.threads!r}: expected >= 0 (0 = all cores)")
         fr.plan_layout(1, 1, self.tile)  # validates tile
-        if self.codec == "av1":
-            svt_preset(self.preset)  # validates the preset before any encode
+        check_preset(self.codec, self.preset)  # before any encode
 
     @classmethod
     def from_kwargs(cls, **options) -> CodecOptions:

@@ -42,6 +42,11 @@ class VideoBackend(ABC):
         """log2 of the quantiser step size at ``qp`` (H.26x: doubles every 6 QP)."""
         return (qp - 4) / 6.0
 
+    @staticmethod
+    def check_preset(preset: str) -> object:
+        """Raise ``VcConfigError`` if ``preset`` means nothing to this encoder (default: the encoder judges)."""
+        return preset
+
     @abstractmethod
     def encode(self, frames: list[np.ndarray], qp: int, settings: EncoderSettings) -> list[bytes]:
         """Encode ``(1.5H, W)`` uint8 yuv420p frames at a constant QP; one packet per frame."""
@@ -64,6 +69,13 @@ def register_backend(name: str, factory: Callable[[], VideoBackend]) -> None:
 
 def available_backends() -> list[str]:
     return sorted(_FACTORIES)
+
+
+def check_preset(codec: str, preset: str) -> None:
+    """Validate ``preset`` for ``codec`` without starting the backend (unknown codecs are judged elsewhere)."""
+    factory = _FACTORIES.get(codec)
+    if isinstance(factory, type) and issubclass(factory, VideoBackend):
+        factory.check_preset(preset)
 
 
 def get_backend(name: str) -> VideoBackend:

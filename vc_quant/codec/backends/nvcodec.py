@@ -252,8 +252,8 @@ def _require_nvdec() -> None:
 def _decode_canvas(enc: EncodedTensor, device, name: str) -> tuple[torch.Tensor, fr.FrameLayout, _Session]:
     """Checks, then this thread's session decodes ``enc``'s canvas (queued on its stream)."""
     _require_nvdec()
-    if enc.meta.get("codec") != "hevc":
-        raise VcBackendUnavailableError(f"{name}: NVDEC path decodes codec 'hevc', not {enc.meta.get('codec')!r}")
+    if enc.meta.get("codec") not in NVDEC_CODECS:
+        raise VcBackendUnavailableError(f"{name}: NVDEC path decodes {NVDEC_CODECS}, not {enc.meta.get('codec')!r}")
     layout = fr.FrameLayout.from_dict(enc.meta["layout"])
     session = _session(_cuda_device(device), layout.width, layout.height)
     return session.decode_canvas(enc, layout, name), layout, session

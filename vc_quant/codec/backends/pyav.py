@@ -184,6 +184,7 @@ class Av1Backend(_PyAVBackend):
     name, encoder, decoder = "av1", "libsvtav1", "libdav1d"
     qp_min, qp_max = 1, 63
     log2_step = staticmethod(av1_log2_step)
+    check_preset = staticmethod(svt_preset)
 
     def __init__(self) -> None:
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration per encoder unless told
