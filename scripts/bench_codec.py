@@ -27,7 +27,8 @@ from plotting import finish_log_plot  # scripts/plotting.py
 from safetensors.torch import load_file
 
 from vc_quant import decode_tensor, encode_tensor
-from vc_quant.codec.tensor_codec import decode_frames, reconstruct
+from vc_quant.codec import frames as fr
+from vc_quant.codec.decode import decode_frames
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 from vc_quant.testing import smollm2_checkpoint
 
@@ -122,7 +123,7 @@ def main() -> None:
         full_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for e, f in zip(encs, frames, strict=True):
-        reconstruct(e, f)
+        e.dequantize(fr.unpack(f, e.layout))
     post_s = time.perf_counter() - t0
     speed = {"decode_Mvalues_per_s": n_values / full_s / 1e6, "raw_ffmpeg_Mvalues_per_s": n_values / raw_s / 1e6,
              "decode_over_raw_ffmpeg": raw_s / full_s, "postprocess_Mvalues_per_s_1thread": n_values / post_s / 1e6,

@@ -20,7 +20,7 @@ import torch
 from vc_quant import encode_tensor
 from vc_quant.codec import frames as fr
 from vc_quant.codec.backends import nvcodec as nv
-from vc_quant.codec.tensor_codec import decode_frames
+from vc_quant.codec.decode import decode_frames
 
 DEVICE = torch.device("cuda", 0)
 

@@ -14,8 +14,10 @@ from vc_quant.errors import (
     VcInputError,
     VcQuantError,
 )
+from vc_quant.hf import memory_bytes, save_atomic
 from vc_quant.hf import register as _register
 from vc_quant.kv_cache import VcQuantizedCache
+from vc_quant.nn import VcLinear
 
 __version__ = "0.1.0"
 _register()
@@ -29,9 +31,12 @@ __all__ = [
     "VcCorruptDataError",
     "VcInputError",
     "VcQuantError",
+    "VcLinear",
     "VcQuantizationConfig",
     "VcQuantizedCache",
     "__version__",
     "decode_tensor",
     "encode_tensor",
+    "memory_bytes",
+    "save_atomic",
 ]

@@ -24,13 +24,18 @@ import logging
 import time
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from vc_quant.codec.options import BITS_RANGE, check_bits
+from vc_quant.errors import VcConfigError
 
 logger = logging.getLogger(__name__)
 
 
 def allocate_bits(
     numels: list[int], energies: list[float], sensitivities: list[float], budget: float,
-    r_min: float = 1.0, r_max: float = 6.0,
+    r_min: float = BITS_RANGE[0], r_max: float = BITS_RANGE[1],
 ) -> list[float]:  # fmt: skip
     """Equal-slope bits per tensor with average (weighted by ``numels``) equal to ``budget``.
 
@@ -39,7 +44,7 @@ def allocate_bits(
     if not numels:
         return []
     if not r_min <= budget <= r_max:
-        raise ValueError(f"budget {budget} outside [{r_min}, {r_max}]")
+        raise VcConfigError(f"allocation: budget {budget} outside [{r_min}, {r_max}]")
     n = torch.tensor(numels, dtype=torch.float64)
     w = torch.tensor([max(e * s, 1e-300) for e, s in zip(energies, sensitivities, strict=True)], dtype=torch.float64)
     half_log = 0.5 * torch.log2(w)
@@ -60,16 +65,31 @@ def allocate_bits(
     return rates.tolist()
 
 
+class _Progress(LogitsProcessor):
+    """Advances a progress bar once per generated token (scores pass through unchanged)."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.bar.update(1)
+        return scores
+
+
 @torch.no_grad()
 def _sample_sequences(model, n_seqs: int, seqlen: int, seed: int) -> torch.Tensor:
     device = next(model.parameters()).device
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else 0
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), tqdm(total=seqlen - 1, desc="vc_quant: sampling text for the "
+                                                 "bit allocation", unit="token") as bar:  # fmt: skip
         torch.manual_seed(seed)
         start = torch.full((n_seqs, 1), int(bos), device=device)
+        # all tokens sampled (top_k=0, top_p=1): exact Fisher samples; the attention mask is all ones
+        # (no padding), which also silences generate's padding warning
         return model.generate(
-            start, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seqlen - 1,
-            min_new_tokens=seqlen - 1, pad_token_id=int(bos),
+            start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, pad_token_id=int(bos),
+            logits_processor=LogitsProcessorList([_Progress(bar)]),
         )  # fmt: skip
 
 
@@ -113,15 +133,23 @@ def _fisher(model, param_names, seqs: torch.Tensor, t0: float, was_training: boo
     for p in params.values():
         p.requires_grad_(True)
     acc = {n: 0.0 for n in param_names}
+
+    def accumulate(name: str):
+        def hook(p: torch.Tensor) -> None:
+            acc[name] += float(p.grad.double().pow(2).sum())
+            p.grad = None  # each gradient is freed as soon as it is counted: no model-sized buffer
+
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(accumulate(n)) for n, p in params.items()]
     try:
-        for seq in seqs:
-            model.zero_grad(set_to_none=True)
+        for seq in tqdm(seqs, desc="vc_quant: Fisher sensitivity", unit="seq"):
             # log-likelihood of one sampled sequence: its gradient is one Fisher sample
             loss = model(seq[None], labels=seq[None]).loss * (seq.numel() - 1)
             loss.backward()
-            for n, p in params.items():
-                acc[n] += float(p.grad.double().pow(2).sum())
     finally:
+        for h in handles:
+            h.remove()
         model.zero_grad(set_to_none=True)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
@@ -142,21 +170,22 @@ def calibration_sequences(model, path: str, n_seqs: int = 8, seqlen: int = 128) 
 
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"calibration={path!r}: cannot read the text file ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VcConfigError(f"calibration={path!r}: cannot read the text file ({exc})") from exc
     tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
     try:
         return token_windows(tokenizer, text, seqlen, n_seqs, bos=tokenizer.bos_token_id is not None)
     except ValueError as exc:
-        raise ValueError(f"calibration={path!r}: {exc}") from exc
+        raise VcConfigError(f"calibration={path!r}: {exc}") from exc
 
 
 def plan_bits(model, param_names: list[str], budget: float, method: str, **kwargs) -> dict[str, float]:
     """Bits per parameter for ``method`` in {"uniform", "fisher"}."""
+    budget = check_bits(budget)
     if method == "uniform" or not param_names:
-        return dict.fromkeys(param_names, float(budget))
+        return dict.fromkeys(param_names, budget)
     if method != "fisher":
-        raise ValueError(f"allocation={method!r}: expected 'uniform' or 'fisher'")
+        raise VcConfigError(f"allocation={method!r}: expected 'uniform' or 'fisher'")
     sens = fisher_sensitivity(model, param_names, **kwargs)
     tensors = [model.get_parameter(n).detach() for n in param_names]
     energies = [float(t.double().pow(2).mean()) for t in tensors]

@@ -1,4 +1,11 @@
-"""VcQuantizationConfig: what users pass to ``from_pretrained(quantization_config=...)``."""
+"""VcQuantizationConfig: what users pass to ``from_pretrained(quantization_config=...)``.
+
+Configs are untrusted input (they come from ``config.json`` and preset files): every
+field is type-checked here, before any weight is loaded, and codec options are
+checked by :class:`~vc_quant.codec.CodecOptions` (encoder parameters are an
+allowlist). Codec defaults are :class:`CodecOptions`'s, the bits range is
+:data:`~vc_quant.codec.BITS_RANGE`.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,18 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from vc_quant.codec.tensor_codec import FORMAT_VERSION, CodecOptions
+from vc_quant.codec.decode import DECODE_BACKENDS
+from vc_quant.codec.options import CodecOptions, check_bits
+from vc_quant.codec.record import FORMAT_VERSION
 from vc_quant.errors import VcConfigError
 from vc_quant.format import QUANT_METHOD
+from vc_quant.nn.linear import check_resident
 
 #: module names never quantized unless a user override names them explicitly
 DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head", "embed_tokens", "wte", "wpe", "embed_positions"]
 _CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile", "encoder_params")
-_DECODE_BACKENDS = ("auto", "cpu", "nvdec")
-_ALLOCATIONS = ("uniform", "fisher")
+ALLOCATIONS = ("uniform", "fisher")
+_D = CodecOptions.default
 
 
 class VcQuantizationConfig(QuantizationConfigMixin):
@@ -25,52 +35,53 @@ class VcQuantizationConfig(QuantizationConfigMixin):
 
     Args:
         bits: target all-in bits per weight (bitstream + scales + metadata), fractional,
-            in [1, 8]; the average over all quantized weights lands on it.
+            in :data:`~vc_quant.codec.BITS_RANGE`; the average over all quantized weights lands on it.
         codec, preset, rotation, seed, scale, tile, encoder_params: tensor-codec options
             (see :class:`vc_quant.CodecOptions`; defaults are the measured best).
-            ``codec``: ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"`` (SVT-AV1
-            → dav1d: lower error per bit and faster encodes, decoded on the CPU) or
-            ``"h264"``. ``encoder_params`` passes extra encoder parameters; ``None``
-            (default) means the codec's measured default: for HEVC ``"rdoq-level=2"``
-            (rate-distortion-optimised quantisation, 97.6 → 80.2 perplexity at 2.5 bpw
-            on SmolLM2 for ~1.6x the quantize time; ``""`` turns it off).
+            ``codec``: ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"`` or ``"h264"``.
+            ``encoder_params``: extra encoder parameters from the codec's allowlist; ``None``
+            (default) means the codec's measured default (HEVC: ``"rdoq-level=2"``).
         modules_to_not_convert: extra module names (or name fragments) kept in full
             precision. They are **merged** with the defaults (``lm_head``, embeddings,
             tied weights), never replace them.
         overrides: ``{name_or_regex: bits}``; the first key that equals a module name
-            or ``re.fullmatch``-es it sets that module's bits (``0`` = keep in full
-            precision).
+            or ``re.fullmatch``-es it sets that module's bits (``0`` = keep in full precision).
         min_numel: weights with fewer values stay in full precision.
-        allocation: ``"fisher"`` (default; equal-slope
-            allocation under the same average, weighted by the model's own Fisher
-            information on self-generated text; calibration-free; see
-            :mod:`vc_quant.allocation`; measured 10x lower perplexity than uniform at 2.5
-            bits on SmolLM2-135M) or ``"uniform"`` (every tensor at ``bits``). Tensors
-            named in ``overrides`` keep their bits.
-        calibration: optional path of a UTF-8 text file: the Fisher allocation then
-            uses 8 windows × 128 tokens of it (the model's tokenizer) instead of text
-            the model generates itself. Never required (see README for its measured effect).
-        decode_backend: ``"auto"`` (NVDEC on a CUDA device when available, else FFmpeg
-            on the CPU), ``"cpu"`` or ``"nvdec"`` (fail if unavailable).
+        allocation: ``"fisher"`` (default; equal-slope allocation under the same average,
+            weighted by the model's own Fisher information on self-generated text;
+            calibration-free) or ``"uniform"`` (every tensor at ``bits``).
+        calibration: optional path of a UTF-8 text file for the Fisher allocation instead
+            of self-generated text. Never required.
+        resident: how quantized weights live in memory after loading: ``"int8"`` (the
+            decoded 8-bit samples, 1 byte per weight, the rotation applied to the
+            activations), ``"dense"`` (decoded float weights; fastest) or ``"bitstream"``
+            (only the compressed bytes; decoded just in time, ``prefetch`` layers ahead).
+            A loading attribute: it may be changed when loading a saved checkpoint.
+        prefetch: bitstream mode: linear layers decoded ahead of the one running.
+        decode_backend: ``"auto"`` (NVDEC on a CUDA device when available, else the
+            CPU), ``"cpu"`` or ``"nvdec"`` (fail if unavailable). A loading attribute.
     """
 
     def __init__(
         self,
         bits: float = 2.5,
-        codec: str = "hevc",
-        preset: str = "superfast",
-        rotation: bool = True,
-        seed: int = 0,
-        scale: str = "tensor",
-        tile: int = 2048,
-        encoder_params: str | None = None,
+        codec: str = _D("codec"),
+        preset: str = _D("preset"),
+        rotation: bool = _D("rotation"),
+        seed: int = _D("seed"),
+        scale: str = _D("scale"),
+        tile: int = _D("tile"),
+        encoder_params: str | None = _D("encoder_params"),
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,
         decode_backend: str = "auto",
         allocation: str = "fisher",
         calibration: str | None = None,
+        resident: str = "int8",
+        prefetch: int = 7,
         format_version: int = FORMAT_VERSION,
+        save_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -82,59 +93,87 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         self.scale = scale
         self.tile = tile
         self.encoder_params = encoder_params
-        self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.overrides = dict(overrides or {})
+        self.modules_to_not_convert = [] if modules_to_not_convert is None else modules_to_not_convert
+        self.overrides = {} if overrides is None else overrides
         self.min_numel = min_numel
         self.decode_backend = decode_backend
         self.allocation = allocation
         self.calibration = calibration
+        self.resident = resident
+        self.prefetch = prefetch
         self.format_version = format_version
-        unknown = sorted(k for k in kwargs if k not in ("quant_method",))
+        self.save_id = save_id
+        unknown = sorted(k for k in kwargs if k != "quant_method")
         if unknown:
             raise VcConfigError(f"VcQuantizationConfig: unknown field(s) {unknown}")
+        if kwargs.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise VcConfigError(f"quant_method={kwargs['quant_method']!r}: a VcQuantizationConfig is {QUANT_METHOD!r}")
         self.post_init()
 
     def post_init(self) -> None:
         """Validate every field; raise VcConfigError (a ValueError) naming the bad one."""
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int | float) or not 1.0 <= self.bits <= 8.0:
-            raise VcConfigError(f"bits={self.bits!r}: expected a number of bits per weight in [1, 8]")
-        if self.format_version != FORMAT_VERSION:
+        check_bits(self.bits)
+        if isinstance(self.format_version, bool) or self.format_version not in (1, FORMAT_VERSION):
             raise VcConfigError(
-                f"format_version={self.format_version!r}: this vc_quant reads format {FORMAT_VERSION}; upgrade vc_quant"
+                f"format_version={self.format_version!r}: this vc_quant reads formats 1..{FORMAT_VERSION}; "
+                "upgrade vc_quant"
             )
-        if self.decode_backend not in _DECODE_BACKENDS:
-            raise VcConfigError(f"decode_backend={self.decode_backend!r}: expected one of {_DECODE_BACKENDS}")
-        if self.allocation not in _ALLOCATIONS:
-            raise VcConfigError(f"allocation={self.allocation!r}: expected one of {_ALLOCATIONS}")
-        if self.calibration is not None and (not isinstance(self.calibration, str) or self.allocation != "fisher"):
-            raise VcConfigError(
-                f"calibration={self.calibration!r}: expected the path of a text file, used with allocation='fisher'"
-            )
-        if not isinstance(self.min_numel, int) or self.min_numel < 0:
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise VcConfigError(f"decode_backend={self.decode_backend!r}: expected one of {DECODE_BACKENDS}")
+        if self.allocation not in ALLOCATIONS:
+            raise VcConfigError(f"allocation={self.allocation!r}: expected one of {ALLOCATIONS}")
+        check_resident(self.resident)
+        if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 1024:
+            raise VcConfigError(f"prefetch={self.prefetch!r}: expected an integer in [0, 1024]")
+        if self.calibration is not None:
+            if not isinstance(self.calibration, str) or self.allocation != "fisher":
+                raise VcConfigError(
+                    f"calibration={self.calibration!r}: expected the path of a text file, used with allocation='fisher'"
+                )
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise VcConfigError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
         if not isinstance(self.modules_to_not_convert, list) or not all(
-            isinstance(m, str) for m in self.modules_to_not_convert
+            isinstance(m, str) and m for m in self.modules_to_not_convert
         ):
-            raise VcConfigError("modules_to_not_convert: expected a list of module names")
+            hint = f" (a string: write [{self.modules_to_not_convert!r}])" if isinstance(
+                self.modules_to_not_convert, str) else ""  # fmt: skip
+            raise VcConfigError(
+                f"modules_to_not_convert={self.modules_to_not_convert!r}: expected a list of module names{hint}"
+            )
+        if not isinstance(self.overrides, dict):
+            raise VcConfigError(f"overrides={self.overrides!r}: expected a dict {{module name or regex: bits}}")
         for pattern, bits in self.overrides.items():
+            if not isinstance(pattern, str):
+                raise VcConfigError(f"overrides: key {pattern!r} is not a module name or regex")
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise VcConfigError(f"overrides: {pattern!r} is not a valid regex ({exc})") from exc
-            if isinstance(bits, bool) or not isinstance(bits, int | float) or not (bits == 0 or 1.0 <= bits <= 8.0):
-                raise VcConfigError(f"overrides[{pattern!r}]={bits!r}: expected 0 (skip) or bits in [1, 8]")
+            if bits != 0 or isinstance(bits, bool):
+                check_bits(bits, f"overrides[{pattern!r}]")
+        if self.save_id is not None and not (isinstance(self.save_id, str) and re.fullmatch(r"[0-9a-f]{32}", self.save_id)):
+            raise VcConfigError(f"save_id={self.save_id!r}: expected 32 hex digits (written by save_pretrained)")
         try:
             self.codec_options()
         except VcConfigError as exc:
             raise VcConfigError(f"VcQuantizationConfig: {exc}") from exc
-        from vc_quant.codec.backends import available_backends
+        if self.decode_backend == "nvdec":
+            from vc_quant.codec.backends.nvcodec import NVDEC_CODECS
 
-        if self.codec not in available_backends():
-            raise VcConfigError(f"codec={self.codec!r}: expected one of {available_backends()}")
+            if self.codec not in NVDEC_CODECS:
+                raise VcConfigError(
+                    f"decode_backend='nvdec' with codec={self.codec!r}: the NVDEC path decodes {NVDEC_CODECS}; "
+                    "use decode_backend='cpu' or 'auto'"
+                )
+
+    def check_calibration_file(self) -> None:
+        """Quantize-on-load only: the calibration file must exist before any weight is loaded."""
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise VcConfigError(f"calibration={self.calibration!r}: no such file")
 
     def get_loading_attributes(self) -> dict[str, Any]:
         """Fields a config passed to ``from_pretrained`` of a compressed checkpoint may change."""
-        return {"decode_backend": self.decode_backend}
+        return {"decode_backend": self.decode_backend, "resident": self.resident, "prefetch": self.prefetch}
 
     def codec_kwargs(self) -> dict[str, Any]:
         """The tensor-codec options of this config, as ``encode_tensor`` keyword arguments."""
@@ -163,13 +202,16 @@ class VcQuantizationConfig(QuantizationConfigMixin):
     def from_file(cls, path: str | Path, **changes: Any) -> VcQuantizationConfig:
         """Load a preset (``configs/*.json`` or ``.yaml``); ``changes`` override its fields."""
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise VcConfigError(f"preset {path}: cannot be read ({exc})") from exc
+        import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        try:
+            data = (yaml.safe_load(text) or {}) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (ValueError, RecursionError, yaml.YAMLError) as exc:
+            raise VcConfigError(f"preset {path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from exc
         if not isinstance(data, dict):
             raise VcConfigError(f"{path}: expected a mapping of config fields")
         data.pop("description", None)

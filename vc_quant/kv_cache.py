@@ -22,24 +22,50 @@ their real first tokens are compressed like any other (correct, a little less ex
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache
 
-from vc_quant.codec.tensor_codec import EncodedTensor, decode_tensors_alike, encode_tensor
+from vc_quant.codec.decode import decode_tensors_alike
+from vc_quant.codec.encode import encode_tensor
+from vc_quant.codec.options import CodecOptions, check_bits
+from vc_quant.codec.ratecontrol import StepPredictor
+from vc_quant.codec.record import EncodedTensor
 from vc_quant.errors import VcConfigError
 
-__all__ = ["VcQuantizedCache", "VcQuantizedLayer"]
+__all__ = ["KvBlock", "VcQuantizedCache", "VcQuantizedLayer"]
+
+
+@dataclass
+class KvBlock:
+    """One compressed block of keys or values: the codec record plus what decoding it needs."""
+
+    record: EncodedTensor
+    channel_mean: torch.Tensor  # fp16 (b, h, 1, d): removed before the codec, added back after
+    shape: tuple[int, int, int, int]  # (batch, heads, tokens, head_dim)
+    # beam search: batch rows of this block, in the order the batch has now (None: unchanged)
+    perm: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: the codec record plus the fp16 channel means."""
+        return self.record.nbytes + self.channel_mean.numel() * self.channel_mean.element_size()
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.nbytes / math.prod(self.shape)
 
 
 class VcQuantizedLayer(BaseQuantizedLayer):
     """One layer: compressed blocks of old tokens + a full-precision residual window."""
 
     def __init__(
-        self, bits: float = 2.5, residual_length: int = 128, block_tokens: int = 128, sink_tokens: int = 4, **codec
-    ) -> None:
+        self, bits: float = 2.5, residual_length: int = 128, block_tokens: int = 128, sink_tokens: int = 4,
+        predictor: StepPredictor | None = None, **codec,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.bits = bits
+        self.bits = check_bits(bits, "VcQuantizedCache: bits")
         self.residual_length = residual_length
         self.block_tokens = block_tokens
         self.sink_tokens = sink_tokens
@@ -49,14 +75,18 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         # block is decoded at every step) at equal perplexity; no extra encoder parameters
         # (x265's RDOQ doubles encode time, and blocks are encoded during generation)
         self.codec = {"codec": "av1", "encoder_params": "", **codec}
-        self._key_blocks: list[EncodedTensor] = []
-        self._value_blocks: list[EncodedTensor] = []
-        self._pending_beam_idx: torch.Tensor | None = None
-        # learnt per stream (keys and values differ): one encode per block, on the rate on average
-        self._step_offset = {"keys": 0.0, "values": 0.0}
+        try:  # bad options fail here, not at the first block flush in the middle of a generation
+            CodecOptions.from_kwargs(**self.codec)
+        except VcConfigError as exc:
+            raise VcConfigError(f"VcQuantizedCache: {exc}") from exc
+        self._key_blocks: list[KvBlock] = []
+        self._value_blocks: list[KvBlock] = []
+        # learnt per stream (keys and values differ), shared by the layers of one cache: one
+        # encode per block, the running rate on the target
+        self.predictor = predictor or StepPredictor()
 
     # --- codec ---------------------------------------------------------------------------
-    def _quantize(self, tensor: torch.Tensor, stream: str = "keys") -> EncodedTensor:
+    def _quantize(self, tensor: torch.Tensor, stream: str = "keys") -> KvBlock:
         """One encode per block at the predicted step; the miss corrects the next block's step.
 
         The per-(sequence, head, channel) mean over the block's tokens is removed first
@@ -68,25 +98,26 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         centred = tensor.float() - mean.float()
         enc = encode_tensor(
             centred.reshape(b * h * t, d), self.bits, name=f"kv {stream} block", rate_control="predict",
-            step_offset=self._step_offset[stream], **self.codec,
+            step_offset=self.predictor.offset(stream), **self.codec,
         )  # fmt: skip
-        enc.stats["channel_mean"] = mean
-        # about one bit per unit of log2 step: move the step by the rate error (means counted)
-        self._step_offset[stream] += 0.9 * (_block_bits(enc) - self.bits)
-        enc.stats["block_shape"] = (b, h, t, d)
-        return enc
+        block = KvBlock(enc, mean, (b, h, t, d))
+        self.predictor.update(stream, block.bits_per_value, self.bits)  # means counted
+        return block
 
-    def _dequantize(self, blocks: list[EncodedTensor]) -> torch.Tensor | None:
+    def _dequantize(self, blocks: list[KvBlock]) -> torch.Tensor | None:
         """Decode blocks of one stream to ``(b, h, tokens, d)`` (see :meth:`_decode_blocks`)."""
         return self._decode_blocks(blocks, len(blocks))[0] if blocks else None
 
-    def _decode_blocks(self, blocks: list[EncodedTensor], split: int) -> tuple[torch.Tensor, ...]:
+    def _decode_blocks(self, blocks: list[KvBlock], split: int) -> tuple[torch.Tensor, ...]:
         """Decode all blocks at once (one decoder, one vectorised reconstruct: the per-block
         fixed costs dominate at every step) and return the token-concatenated parts
-        ``blocks[:split]``, ``blocks[split:]``."""
-        b, h, t, d = blocks[0].stats["block_shape"]
-        x = decode_tensors_alike(blocks).reshape(len(blocks), b, h, t, d)
-        x = x + torch.stack([e.stats["channel_mean"] for e in blocks]).to(torch.float32)
+        ``blocks[:split]``, ``blocks[split:]``, in the batch order the cache has now."""
+        b, h, t, d = blocks[0].shape
+        x = decode_tensors_alike([blk.record for blk in blocks]).reshape(len(blocks), b, h, t, d)
+        x = x + torch.stack([blk.channel_mean for blk in blocks]).to(torch.float32)
+        if any(blk.perm is not None for blk in blocks):  # beam search reordered rows since these were encoded
+            rows = torch.stack([torch.arange(b) if blk.perm is None else blk.perm.cpu() for blk in blocks])
+            x = x[torch.arange(len(blocks))[:, None], rows]
         # the residual tensors carry the states' device and dtype (transformers >= 5.24 no
         # longer records the dtype on the layer)
         parts = ((x[:split], self.keys), (x[split:], self.values)) if split < len(blocks) else ((x, self.keys),)
@@ -104,17 +135,12 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         old_k = old_v = None
         if self._key_blocks:  # keys and values share the block shape: one batched decode for both
             old_k, old_v = self._decode_blocks(self._key_blocks + self._value_blocks, len(self._key_blocks))
-        if old_k is not None and self._pending_beam_idx is not None:
-            idx = self._pending_beam_idx.to(old_k.device)
-            old_k, old_v = old_k.index_select(0, idx), old_v.index_select(0, idx)
         # sequence order: sinks, compressed blocks, residual window
         keys = torch.cat([t for t in (self._sink_keys, old_k, self.keys) if t is not None], dim=-2)
         values = torch.cat([t for t in (self._sink_values, old_v, self.values) if t is not None], dim=-2)
         # a full window hands its oldest block to the codec (once per block), as transformers'
         # QuantizedCache flushes at residual_length: 0..residual_length-1 recent tokens stay exact
         while self.keys.shape[-2] >= max(self.residual_length, self.block_tokens):
-            if self._pending_beam_idx is not None:
-                raise VcConfigError("VcQuantizedCache: beam reordering across a block flush is not supported")
             n = self.block_tokens
             self._key_blocks.append(self._quantize(self.keys[..., :n, :].contiguous(), "keys"))
             self._value_blocks.append(self._quantize(self.values[..., :n, :].contiguous(), "values"))
@@ -136,7 +162,8 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: the residual is reordered now, compressed blocks after decoding."""
+        """Beam search: the residual is reordered now, compressed blocks when they are decoded
+        (each block remembers the composed reordering since it was encoded)."""
         if not self.is_initialized:
             return
         beam_idx = beam_idx.to(self.keys.device)
@@ -145,16 +172,15 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         if self._sink_keys is not None:
             self._sink_keys = self._sink_keys.index_select(0, beam_idx)
             self._sink_values = self._sink_values.index_select(0, beam_idx)
-        if self._key_blocks:
-            pending = self._pending_beam_idx
-            self._pending_beam_idx = beam_idx.clone() if pending is None else pending.index_select(0, beam_idx)
+        for blk in self._key_blocks + self._value_blocks:
+            idx = beam_idx.cpu()
+            blk.perm = idx.clone() if blk.perm is None else blk.perm.index_select(0, idx)
 
     def reset(self) -> None:
         super().reset()
         self._key_blocks, self._value_blocks = [], []
         self._sink_keys = self._sink_values = None
-        self._pending_beam_idx = None
-        self._step_offset = {"keys": 0.0, "values": 0.0}
+        self.predictor.reset()
 
     def crop(self, max_length: int) -> None:
         raise VcConfigError("VcQuantizedCache does not support crop (assisted/speculative decoding)")
@@ -167,23 +193,13 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
     # --- accounting ------------------------------------------------------------------------
     def compressed_tokens(self) -> int:
-        return sum(e.stats["block_shape"][2] for e in self._key_blocks)
+        return sum(blk.shape[2] for blk in self._key_blocks)
 
     def memory_bytes(self) -> dict[str, int]:
-        compressed = sum(_block_bytes(e) for e in self._key_blocks + self._value_blocks)
+        compressed = sum(blk.nbytes for blk in self._key_blocks + self._value_blocks)
         tensors = (self.keys, self.values, self._sink_keys, self._sink_values) if self.is_initialized else ()
         full = sum(t.numel() * t.element_size() for t in tensors if t is not None)
         return {"compressed": compressed, "residual": full}
-
-
-def _block_bytes(enc: EncodedTensor) -> int:
-    """Stored bytes of one block: the codec record plus its fp16 channel means."""
-    mean = enc.stats["channel_mean"]
-    return enc.nbytes + mean.numel() * mean.element_size()
-
-
-def _block_bits(enc: EncodedTensor) -> float:
-    return 8.0 * _block_bytes(enc) / enc.numel
 
 
 class VcQuantizedCache(Cache):
@@ -210,8 +226,7 @@ class VcQuantizedCache(Cache):
         sink_tokens: int = 4,
         **codec,
     ):
-        if not 1.0 <= float(bits) <= 8.0:
-            raise VcConfigError(f"VcQuantizedCache: bits={bits!r} outside [1, 8]")
+        check_bits(bits, "VcQuantizedCache: bits")
         if residual_length < 0 or block_tokens < 1 or sink_tokens < 0:
             raise VcConfigError(
                 f"VcQuantizedCache: residual_length={residual_length!r} and sink_tokens={sink_tokens!r} "
@@ -221,8 +236,9 @@ class VcQuantizedCache(Cache):
         layer_types = set(getattr(text, "layer_types", None) or ["full_attention"])
         if layer_types - {"full_attention"}:
             raise VcConfigError(f"VcQuantizedCache supports full-attention layers only, found {sorted(layer_types)}")
+        self.predictor = StepPredictor()  # one rate model for all layers: the rate settles after a few blocks
         layers = [
-            VcQuantizedLayer(bits, residual_length, block_tokens, sink_tokens, **codec)
+            VcQuantizedLayer(bits, residual_length, block_tokens, sink_tokens, predictor=self.predictor, **codec)
             for _ in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)
@@ -241,6 +257,6 @@ class VcQuantizedCache(Cache):
     def compressed_bits_per_element(self) -> float:
         """All-in bits per compressed K/V element (0 before the first block)."""
         values = sum(
-            math.prod(e.stats["block_shape"]) for layer in self.layers for e in layer._key_blocks + layer._value_blocks
+            math.prod(blk.shape) for layer in self.layers for blk in layer._key_blocks + layer._value_blocks
         )
         return 8.0 * self.memory_bytes()["compressed"] / values if values else 0.0

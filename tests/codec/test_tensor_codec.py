@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vc_quant import EncodedTensor, VcConfigError, VcCorruptDataError, VcInputError, decode_tensor, encode_tensor
-from vc_quant.codec.tensor_codec import decode_tensors_alike
+from vc_quant.codec.decode import decode_tensors_alike
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 
 

@@ -11,9 +11,17 @@ from transformers import AutoModelForCausalLM
 
 import vc_quant
 from vc_quant import VcQuantizationConfig
+from vc_quant.codec.decode import choose_backend
 from vc_quant.errors import VcCorruptDataError
 
 IDS = torch.tensor([[1, 2, 3, 4, 5]])
+
+
+def shard_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -35,7 +43,7 @@ def test_saved_checkpoint_layout(tiny_quantized):
     path, _ = tiny_quantized
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "vc"
-    assert cfg["quantization_config"]["format_version"] == 1
+    assert cfg["quantization_config"]["format_version"] == vc_quant.codec.FORMAT_VERSION
     sd = load_file(str(path / "model.safetensors"))
     key = "model.layers.0.mlp.down_proj.weight"
     assert sd[key].dtype == torch.uint8 and sd[key].dim() == 1  # the bitstream keeps the weight's name
@@ -79,10 +87,13 @@ def test_sharded_save_and_reload(tiny_src, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_reload_dtype(tiny_quantized, dtype):
+@pytest.mark.parametrize("resident", ["dense", "int8"])
+def test_reload_dtype(tiny_quantized, dtype, resident):
     path, logits = tiny_quantized
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    assert model.model.layers[0].mlp.down_proj.weight.dtype == dtype
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=VcQuantizationConfig(
+        resident=resident))  # fmt: skip
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert weight.dtype == (dtype if resident == "dense" else torch.int8)
     assert model.model.norm.weight.dtype == dtype
     with torch.no_grad():
         out = model(IDS).logits.float()
@@ -152,11 +163,11 @@ def test_config_round_trips_through_dict():
 
 def test_corrupted_shard_raises_naming_the_tensor(tiny_quantized, copy_dir):
     path = copy_dir(tiny_quantized[0])
-    sd = load_file(str(path / "model.safetensors"))
+    sd, metadata = load_file(str(path / "model.safetensors")), shard_metadata(path / "model.safetensors")
     key = "model.layers.1.self_attn.o_proj.weight"
     sd[key] = sd[key].clone()
     sd[key][100] ^= 0xFF
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(sd, str(path / "model.safetensors"), metadata=metadata)
     # checked in the decode worker, before anything is decoded; re-raised when loading ends
     with pytest.raises(VcCorruptDataError, match=f"{key}: checksum mismatch"):
         AutoModelForCausalLM.from_pretrained(path)
@@ -209,10 +220,9 @@ def test_av1_checkpoint_round_trips_and_stays_off_nvdec(tiny_src, tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(IDS).logits, ref, atol=1e-4)
     # the NVDEC path is HEVC-only: a CUDA target decodes AV1 on the CPU and says why
-    quantizer = again.hf_quantizer
-    assert not quantizer._use_nvdec(torch.device("cuda"), "av1")
-    assert "av1" in quantizer.report.decode_fallback_reason
-    with pytest.raises(vc_quant.VcConfigError, match="codec is 'av1'"):
+    backend, reason = choose_backend(torch.device("cuda"), "av1")
+    assert backend == "cpu" and "av1" in reason
+    with pytest.raises(vc_quant.VcConfigError, match="codec='av1'"):
         AutoModelForCausalLM.from_pretrained(
             tmp_path / "av1", quantization_config=VcQuantizationConfig(decode_backend="nvdec")
         )

@@ -100,3 +100,30 @@ def search_rate(
             break
     best = min(trials, key=lambda t: abs(t.rate - target))
     return best, trials
+
+
+class StepPredictor:
+    """Learns, per stream, how far the codec's high-rate step guess is off, from the rates it got.
+
+    Callers that encode a stream of similar tensors once each (KV-cache blocks,
+    gradient buckets, activations crossing a pipeline boundary) encode at the
+    guessed step shifted by :meth:`offset` (``CodecOptions(rate_control="predict",
+    step_offset=...)``) and report the achieved all-in rate with :meth:`update`. The
+    rate falls by about one bit per unit of log2 step, so the offset moves by
+    ``gain`` × the rate error: the running average lands on the target without a
+    rate search per tensor.
+    """
+
+    def __init__(self, gain: float = 0.9) -> None:
+        self.gain = gain
+        self._offsets: dict[str, float] = {}
+
+    def offset(self, stream: str = "") -> float:
+        return self._offsets.get(stream, 0.0)
+
+    def update(self, stream: str, achieved_bits: float, target_bits: float) -> None:
+        self._offsets[stream] = self.offset(stream) + self.gain * (achieved_bits - target_bits)
+
+    def reset(self) -> None:
+        self._offsets.clear()
+

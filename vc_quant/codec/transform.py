@@ -20,6 +20,7 @@ import torch
 from vc_quant.errors import VcConfigError
 
 PIXEL_ZERO = 128.0  # the pixel value that decodes to ``center``
+PIXEL_ZERO_INT = 128
 # Odd factors above this get no dense rotation (an m×m matmul per row would dominate).
 MAX_ODD_FACTOR = 2048
 

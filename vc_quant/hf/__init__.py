@@ -13,6 +13,7 @@ from transformers.quantizers.auto import (
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.format import QUANT_METHOD
 from vc_quant.hf.quantizer import VcHfQuantizer
+from vc_quant.hf.saving import memory_bytes, save_atomic
 
 
 def register() -> None:
@@ -31,4 +32,4 @@ def register() -> None:
         hf_auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, VcQuantizationConfig)
 
 
-__all__ = ["VcHfQuantizer", "VcQuantizationConfig", "register"]
+__all__ = ["VcHfQuantizer", "VcQuantizationConfig", "memory_bytes", "register", "save_atomic"]

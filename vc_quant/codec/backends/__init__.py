@@ -4,7 +4,7 @@ from vc_quant.codec.backends.base import (
     EncoderSettings,
     VideoBackend,
     available_backends,
-    check_preset,
+    backend_class,
     get_backend,
     register_backend,
 )
@@ -14,4 +14,4 @@ register_backend("hevc", HevcBackend)
 register_backend("h264", H264Backend)
 register_backend("av1", Av1Backend)
 
-__all__ = ["EncoderSettings", "VideoBackend", "available_backends", "check_preset", "get_backend", "register_backend"]
+__all__ = ["EncoderSettings", "VideoBackend", "available_backends", "backend_class", "get_backend", "register_backend"]

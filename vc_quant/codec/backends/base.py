@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +43,30 @@ class VideoBackend(ABC):
         """log2 of the quantiser step size at ``qp`` (H.26x: doubles every 6 QP)."""
         return (qp - 4) / 6.0
 
+    #: extra encoder parameters a caller may set: ``{key: regex the value must fullmatch}``. An
+    #: allowlist of knobs that were measured (x265_knobs.py): anything else — file, log, stats or
+    #: analysis outputs in particular — is refused, so a config can never make the encoder touch
+    #: the filesystem.
+    allowed_params: dict[str, str] = {}  # noqa: RUF012 (read-only class data)
+
     @staticmethod
     def check_preset(preset: str) -> object:
-        """Raise ``VcConfigError`` if ``preset`` means nothing to this encoder (default: the encoder judges)."""
+        """Raise ``VcConfigError`` if ``preset`` means nothing to this encoder."""
         return preset
+
+    @classmethod
+    def check_params(cls, params: str) -> None:
+        """Raise ``VcConfigError`` unless every ``key=value`` of ``params`` is on the allowlist."""
+        for item in (p for p in params.split(":") if p):
+            key, _, value = item.partition("=")
+            pattern = cls.allowed_params.get(key)
+            if pattern is None:
+                allowed = ", ".join(sorted(cls.allowed_params)) or "none"
+                raise VcConfigError(
+                    f"encoder_params: {key!r} is not an allowed {cls.name} parameter (allowed: {allowed})"
+                )
+            if not re.fullmatch(pattern, value):
+                raise VcConfigError(f"encoder_params: {key}={value!r} is not a valid value for {cls.name}")
 
     @abstractmethod
     def encode(self, frames: list[np.ndarray], qp: int, settings: EncoderSettings) -> list[bytes]:
@@ -71,11 +92,12 @@ def available_backends() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def check_preset(codec: str, preset: str) -> None:
-    """Validate ``preset`` for ``codec`` without starting the backend (unknown codecs are judged elsewhere)."""
+def backend_class(codec: str) -> type[VideoBackend]:
+    """The backend class registered as ``codec`` (nothing is started); raises for unknown codecs."""
     factory = _FACTORIES.get(codec)
-    if isinstance(factory, type) and issubclass(factory, VideoBackend):
-        factory.check_preset(preset)
+    if not (isinstance(factory, type) and issubclass(factory, VideoBackend)):
+        raise VcConfigError(f"codec={codec!r} is not a known backend; choose one of {available_backends()}")
+    return factory
 
 
 def get_backend(name: str) -> VideoBackend:

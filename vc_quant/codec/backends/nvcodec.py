@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 
 from vc_quant.codec import frames as fr
-from vc_quant.codec.tensor_codec import EncodedTensor, pixels_to_tensor
+from vc_quant.codec.record import EncodedTensor
 from vc_quant.errors import VcBackendUnavailableError, VcCodecError
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _decode_canvas(enc: EncodedTensor, device, name: str) -> tuple[torch.Tensor,
 def decode_canvas_nvdec(enc: EncodedTensor, device=None, name: str = "tensor") -> torch.Tensor:
     """Every decoded sample of ``enc`` as the ``(n_frames·1.5H, W)`` uint8 canvas on ``device``.
 
-    Equal bit for bit to ``frames.frames_to_canvas(tensor_codec.decode_frames(enc))``
+    Equal bit for bit to ``frames.frames_to_canvas(decode.decode_frames(enc))``
     (HEVC decoding is normative). The caller's current stream waits for the decode.
     """
     canvas, _, session = _decode_canvas(enc, device, name)
@@ -288,9 +288,7 @@ def decode_tensor_nvdec(
     """
     canvas, layout, session = _decode_canvas(enc, device if out is None else out.device, name)
     with torch.cuda.stream(session.stream):
-        dense = pixels_to_tensor(
-            enc, fr.canvas_to_matrix(canvas, layout), dtype or (out.dtype if out is not None else None)
-        )
+        dense = enc.dequantize(fr.canvas_to_matrix(canvas, layout), dtype or (out.dtype if out is not None else None))
         if out is not None:
             out.copy_(dense.reshape(out.shape))
             dense = out
