@@ -64,6 +64,8 @@ class Checkpoint:
         self.shard_meta: dict[Path, dict[str, str]] = {}
         self.problems: list[str] = []
         for shard in self.files:
+            if not shard.is_file():
+                raise VcCorruptDataError(f"{shard}: shard is missing (deleted, or an interrupted save)")
             try:
                 with safe_open(str(shard), framework="pt") as f:
                     self.shard_meta[shard] = dict(f.metadata() or {})

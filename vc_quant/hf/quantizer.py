@@ -29,7 +29,7 @@ from vc_quant.codec.backends.nvcodec import nvdec_status
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError, VcCorruptDataError
 from vc_quant.hf.ops import VcDeserialize, VcQuantize
-from vc_quant.hf.saving import install_model_hooks, reencode_options
+from vc_quant.hf.saving import install_model_hooks, reencode_options, uninstall_model_hooks
 from vc_quant.nn import BitstreamWindow, CheckpointRecord, InMemoryRecord, VcLinear
 from vc_quant.nn.linear import fingerprint
 
@@ -273,7 +273,8 @@ class VcHfQuantizer(HfQuantizer):
             self._shutdown()
         modules = vc_linears(model)
         for _, module in modules:
-            module.fingerprint = fingerprint(module.weight)
+            if module.weight.device.type != "meta":  # offloaded to disk: never edited in place
+                module.fingerprint = fingerprint(module.weight)
         bitstream = [m for _, m in modules if m.resident == "bitstream"]
         if bitstream:
             window = BitstreamWindow(bitstream, self.quantization_config.prefetch,
@@ -389,7 +390,8 @@ class VcHfQuantizer(HfQuantizer):
             for name, module in changed:
                 old = module.source.load() if module.source is not None else None
                 bits, options = reencode_options(config, old, module)
-                logger.info("vc_quant: %s changed since it was loaded; re-encoding at %.3f bits/weight", name, bits)
+                logger.info("vc_quant: %s.weight changed since it was loaded; re-encoding at %.3f bits/weight", name,
+                            bits)  # fmt: skip
                 weight = module.dequantize_weight(torch.float32).detach().cpu()
                 jobs[name] = pool.submit(encode_tensor, weight.to(module.compute_dtype), bits, name=name + ".weight",
                                          **options)  # fmt: skip
@@ -422,6 +424,7 @@ class VcHfQuantizer(HfQuantizer):
         if window is not None:
             window.close()
             del model.vc_bitstream_window
+        uninstall_model_hooks(model)
         return model
 
 

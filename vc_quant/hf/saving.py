@@ -67,6 +67,12 @@ def install_model_hooks(model) -> None:
     model.save_pretrained = save_pretrained
 
 
+def uninstall_model_hooks(model) -> None:
+    """Back to the class's own methods (after ``dequantize()``)."""
+    for name in ("get_memory_footprint", "save_pretrained"):
+        model.__dict__.pop(name, None)
+
+
 def write_model_card(model, folder: Path) -> None:
     """A README.md saying what was compressed and how to load it (a card of the user's is kept)."""
     card = folder / CARD_NAME
