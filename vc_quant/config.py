@@ -125,11 +125,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         check_resident(self.resident)
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 1024:
             raise VcConfigError(f"prefetch={self.prefetch!r}: expected an integer in [0, 1024]")
-        if self.calibration is not None:
-            if not isinstance(self.calibration, str) or self.allocation != "fisher":
-                raise VcConfigError(
-                    f"calibration={self.calibration!r}: expected the path of a text file, used with allocation='fisher'"
-                )
+        if self.calibration is not None and (not isinstance(self.calibration, str) or self.allocation != "fisher"):
+            raise VcConfigError(
+                f"calibration={self.calibration!r}: expected the path of a text file, used with allocation='fisher'"
+            )
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise VcConfigError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
         if not isinstance(self.modules_to_not_convert, list) or not all(
@@ -151,7 +150,8 @@ class VcQuantizationConfig(QuantizationConfigMixin):
                 raise VcConfigError(f"overrides: {pattern!r} is not a valid regex ({exc})") from exc
             if bits != 0 or isinstance(bits, bool):
                 check_bits(bits, f"overrides[{pattern!r}]")
-        if self.save_id is not None and not (isinstance(self.save_id, str) and re.fullmatch(r"[0-9a-f]{32}", self.save_id)):
+        valid_id = isinstance(self.save_id, str) and re.fullmatch(r"[0-9a-f]{32}", self.save_id)
+        if self.save_id is not None and not valid_id:
             raise VcConfigError(f"save_id={self.save_id!r}: expected 32 hex digits (written by save_pretrained)")
         try:
             self.codec_options()

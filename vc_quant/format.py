@@ -7,14 +7,15 @@ A quantized parameter ``<module>.weight`` is stored as four safetensors entries:
 | ``<module>.weight`` | uint8 (1-D) | the frames' access units, back to back |
 | ``<module>.weight_vc_center`` | float32/float16 | centre of the affine pixel map |
 | ``<module>.weight_vc_step`` | float32/float16 | step of the affine pixel map |
-| ``<module>.weight_vc_meta`` | uint8 (1-D) | UTF-8 JSON: name, shape, dtype, frame layout and tile, frame sizes, QP, CRC32 |
+| ``<module>.weight_vc_meta`` | uint8 (1-D) | UTF-8 JSON: name, shape, dtype, layout + tile, frame sizes, QP, CRC32 |
 
 Every other tensor is stored plainly. Every shard's safetensors metadata carries:
 
 | key | content |
 |---|---|
 | ``vc_quant_format`` | the record format version |
-| ``vc_save_id`` | an id drawn for each save, also in ``config.json``'s ``quantization_config.save_id``: shards of different saves are never loaded together |
+| ``vc_save_id`` | drawn for each save, also in ``config.json`` (``quantization_config.save_id``): shards of |
+| | different saves are never loaded together |
 | ``vc_plain_crc32`` | JSON ``{name: crc32}`` of every plain (unquantized) tensor of the checkpoint |
 
 The bitstream deliberately keeps the parameter's own name: a transformers that does

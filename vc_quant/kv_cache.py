@@ -256,7 +256,5 @@ class VcQuantizedCache(Cache):
 
     def compressed_bits_per_element(self) -> float:
         """All-in bits per compressed K/V element (0 before the first block)."""
-        values = sum(
-            math.prod(blk.shape) for layer in self.layers for blk in layer._key_blocks + layer._value_blocks
-        )
+        values = sum(math.prod(blk.shape) for layer in self.layers for blk in layer._key_blocks + layer._value_blocks)
         return 8.0 * self.memory_bytes()["compressed"] / values if values else 0.0

@@ -35,8 +35,9 @@ from vc_quant.errors import VcConfigError
 
 logger = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                    "tokenizer.model", "added_tokens.json", "generation_config.json", "chat_template.jinja")  # fmt: skip
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+                    "chat_template.jinja")  # fmt: skip
 
 
 def quantized_weight_names(src: Path, config: VcQuantizationConfig) -> set[str]:
@@ -57,7 +58,7 @@ def quantized_weight_names(src: Path, config: VcQuantizationConfig) -> set[str]:
 def _source_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in ckpt.files:
         with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
+            for key in f:
                 yield key, f.get_tensor(key)
 
 

@@ -22,6 +22,8 @@ def shard_metadata(path):
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -15,7 +15,8 @@ LOGIT_TOL = 1e-5
 
 
 def load(path, resident, **kwargs):
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=VcQuantizationConfig(resident=resident, **kwargs))
+    config = VcQuantizationConfig(resident=resident, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
 
 
 def vc_modules(model):
@@ -107,8 +108,10 @@ def test_device_map_plans_with_the_resident_size(tiny_quantized, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=budget,
                                                  quantization_config=VcQuantizationConfig(resident="int8"))  # fmt: skip
     assert set(getattr(model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
-    dense = AutoModelForCausalLM.from_pretrained(path, device_map="auto", max_memory=budget, offload_folder=tmp_path,
-                                                 quantization_config=VcQuantizationConfig(resident="dense"))  # fmt: skip
+    dense = AutoModelForCausalLM.from_pretrained(
+        path, device_map="auto", max_memory=budget, offload_folder=tmp_path,
+        quantization_config=VcQuantizationConfig(resident="dense"),
+    )  # fmt: skip
     assert "disk" in set(dense.hf_device_map.values())
     with torch.no_grad():
         assert (dense(IDS).logits - model(IDS).logits).abs().max() < LOGIT_TOL

@@ -28,7 +28,7 @@ def make(resident: str, scale: str = "tensor", shape=(384, 576), dtype=torch.flo
 @pytest.mark.parametrize("scale", ["tensor", "row"])
 @pytest.mark.parametrize("tokens", [1, 3, 64])
 def test_int8_and_bitstream_match_the_dense_decode(dtype, scale, tokens):
-    dense, enc = make("dense", scale, dtype=dtype)
+    dense, _enc = make("dense", scale, dtype=dtype)
     x = torch.randn(2, tokens, 576, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         ref = dense(x).float()
@@ -90,5 +90,5 @@ def test_unknown_residency_names_the_valid_ones():
 
 
 def test_repr_shows_residency_and_rate():
-    module, enc = make("int8")
+    module, _enc = make("int8")
     assert "resident=int8" in repr(module) and "bits=3.0" in repr(module)

@@ -126,4 +126,3 @@ class StepPredictor:
 
     def reset(self) -> None:
         self._offsets.clear()
-

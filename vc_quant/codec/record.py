@@ -29,8 +29,8 @@ FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 MAX_META_BYTES = 1 << 20
 _MAX_NUMEL = 1 << 40
 _MAX_DIMS = 8
-_REQUIRED = {"format": int, "codec": str, "shape": list, "dtype": str, "layout": dict, "rotation_seed": (int, type(None)),
-             "scale": str, "frame_bytes": list, "qp": int, "crc32": int}  # fmt: skip
+_REQUIRED = {"format": int, "codec": str, "shape": list, "dtype": str, "layout": dict, "scale": str,
+             "rotation_seed": (int, type(None)), "frame_bytes": list, "qp": int, "crc32": int}  # fmt: skip
 
 
 def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -164,7 +164,9 @@ class EncodedTensor:
         if len(frame_bytes) != layout.n_frames or not all(
             isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in frame_bytes
         ):
-            raise VcCorruptDataError(f"{name}: metadata lists {len(frame_bytes)} frame sizes for {layout.n_frames} frames")
+            raise VcCorruptDataError(
+                f"{name}: metadata lists {len(frame_bytes)} frame sizes for {layout.n_frames} frames"
+            )
         bitstream = self.bitstream
         if bitstream.dtype != torch.uint8 or bitstream.dim() != 1 or sum(frame_bytes) != bitstream.numel():
             raise VcCorruptDataError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from transformers.core_model_loading import ConversionOps
 
 from vc_quant import format as fmt
@@ -44,17 +45,25 @@ class VcQuantize(_QuantizerOp):
 
 
 class VcDeserialize(_QuantizerOp):
+    """Never raises: transformers' loader would turn an error into a generic "issues during conversion"
+    and go on with an uninitialised parameter. The quantizer keeps the first error and raises it,
+    as it is, once loading ends (:meth:`VcHfQuantizer.raise_load_errors`)."""
+
     def convert(self, input_dict: dict, model=None, full_layer_name: str | None = None, **kwargs) -> dict:
         tensors = {pattern: _first(v) for pattern, v in input_dict.items()}
         module_name, _, param = full_layer_name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
+        target = getattr(module, param)
         stored = tensors[param]
-        if param + fmt.META_SUFFIX not in tensors:  # a plain parameter
-            self.hf_quantizer.check_plain(full_layer_name, stored)
-            target = getattr(module, param)
-            if stored.is_floating_point() and stored.dtype != target.dtype:
-                stored = stored.to(target.dtype)
-            return {full_layer_name: stored}
-        # the loader left them on the host (force_cpu): FFmpeg and NVDEC read host memory
-        entries = {full_layer_name + name.removeprefix(param): t.cpu() for name, t in tensors.items()}
-        return {full_layer_name: self.hf_quantizer.load_record(module, full_layer_name, entries)}
+        try:
+            if param + fmt.META_SUFFIX not in tensors:  # a plain parameter
+                self.hf_quantizer.check_plain(full_layer_name, stored)
+                if stored.is_floating_point() and stored.dtype != target.dtype:
+                    stored = stored.to(target.dtype)
+                return {full_layer_name: stored}
+            # the loader left them on the host (force_cpu): FFmpeg and NVDEC read host memory
+            entries = {full_layer_name + name.removeprefix(param): t.cpu() for name, t in tensors.items()}
+            return {full_layer_name: self.hf_quantizer.load_record(module, full_layer_name, entries)}
+        except Exception as exc:  # kept, re-raised after loading (see the class docstring)
+            self.hf_quantizer.load_errors.append(exc)
+            return {full_layer_name: torch.zeros(target.shape, dtype=target.dtype)}

@@ -24,7 +24,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from vc_quant import format as fmt
 from vc_quant.allocation import calibration_sequences, plan_bits
 from vc_quant.checkpoint import Checkpoint
-from vc_quant.codec import DecodePool, EncodedTensor, encode_tensor
+from vc_quant.codec import DecodePool, encode_tensor
 from vc_quant.codec.backends.nvcodec import nvdec_status
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError, VcCorruptDataError
@@ -89,6 +89,7 @@ class VcHfQuantizer(HfQuantizer):
         self._checkpoint: Checkpoint | None = None
         self._ckpt_keys: dict[str, str] = {}  # model param name -> checkpoint key
         self._plain_crc: dict[str, int] = {}
+        self.load_errors: list[Exception] = []  # from the load op, raised once loading ends
         self.modules_to_not_convert: list[str] = []
         self.report = QuantizationReport()
 
@@ -267,6 +268,8 @@ class VcHfQuantizer(HfQuantizer):
 
     def _finish_decodes(self, model) -> None:
         try:
+            if self.load_errors:
+                raise self.load_errors[0]
             for job in self._jobs.values():
                 job.result()  # re-raises a verify/decode error, naming the tensor
         finally:
