@@ -69,7 +69,7 @@ class Checkpoint:
             try:
                 with safe_open(str(shard), framework="pt") as f:
                     self.shard_meta[shard] = dict(f.metadata() or {})
-                    for key in f:
+                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         s = f.get_slice(key)
                         if key in self.entries:
                             self.problems.append(f"{key}: stored in two shards ({self.entries[key].shard.name}, "

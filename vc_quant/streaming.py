@@ -58,7 +58,7 @@ def quantized_weight_names(src: Path, config: VcQuantizationConfig) -> set[str]:
 def _source_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     for shard in ckpt.files:
         with safe_open(str(shard), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 yield key, f.get_tensor(key)
 
 
