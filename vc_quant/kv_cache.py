@@ -97,11 +97,11 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         mean = tensor.float().mean(dim=-2, keepdim=True).to(torch.float16)
         centred = tensor.float() - mean.float()
         enc = encode_tensor(
-            centred.reshape(b * h * t, d), self.bits, name=f"kv {stream} block", rate_control="predict",
-            step_offset=self.predictor.offset(stream), **self.codec,
+            centred.reshape(b * h * t, d), self.bits, name=f"kv {stream} block",
+            **self.predictor.encode_options(stream), **self.codec,
         )  # fmt: skip
         block = KvBlock(enc, mean, (b, h, t, d))
-        self.predictor.update(stream, block.bits_per_value, self.bits)  # means counted
+        self.predictor.update(stream, block.bits_per_value, self.bits, enc.stats)  # means counted
         return block
 
     def _dequantize(self, blocks: list[KvBlock]) -> torch.Tensor | None:

@@ -105,13 +105,13 @@ def search_rate(
 class StepPredictor:
     """Learns, per stream, how far the codec's high-rate step guess is off, from the rates it got.
 
-    Callers that encode a stream of similar tensors once each (KV-cache blocks,
-    gradient buckets, activations crossing a pipeline boundary) encode at the
-    guessed step shifted by :meth:`offset` (``CodecOptions(rate_control="predict",
-    step_offset=...)``) and report the achieved all-in rate with :meth:`update`. The
-    rate falls by about one bit per unit of log2 step, so the offset moves by
-    ``gain`` × the rate error: the running average lands on the target without a
-    rate search per tensor.
+    Callers that encode a stream of similar tensors once each (KV-cache blocks, gradient
+    buckets, activations crossing a pipeline boundary) ask :meth:`encode_options` for the
+    codec options of the next tensor and report the all-in rate they got with
+    :meth:`update`. The first tensor of a stream is rate-searched (a few encodes, once);
+    its step seeds the stream's offset. Later ones are encoded once at the guessed step
+    shifted by the offset; the rate falls by about one bit per unit of log2 step, so the
+    offset moves by ``gain`` × the rate error and the running rate stays on the target.
     """
 
     def __init__(self, gain: float = 0.9) -> None:
@@ -121,7 +121,16 @@ class StepPredictor:
     def offset(self, stream: str = "") -> float:
         return self._offsets.get(stream, 0.0)
 
-    def update(self, stream: str, achieved_bits: float, target_bits: float) -> None:
+    def encode_options(self, stream: str = "") -> dict:
+        """``encode_tensor`` options for the next tensor of ``stream``."""
+        if stream not in self._offsets:
+            return {"rate_control": "search"}
+        return {"rate_control": "predict", "step_offset": self._offsets[stream]}
+
+    def update(self, stream: str, achieved_bits: float, target_bits: float, stats: dict | None = None) -> None:
+        """Learn from one encode (``stats``: the record's encoder stats; a searched encode seeds the offset)."""
+        if stream not in self._offsets and stats and "e_final" in stats:
+            self._offsets[stream] = stats["e_final"] - stats["e_start"]
         self._offsets[stream] = self.offset(stream) + self.gain * (achieved_bits - target_bits)
 
     def reset(self) -> None:

@@ -1,0 +1,148 @@
+"""Peak memory of loading, quantizing and compressing (each case in a fresh process, one run).
+
+Cases on SmolLM2-135M (the offline fp32 checkpoint): plain load + forward; quantize on
+load (uniform fp32, Fisher bf16); ``vc-quant compress`` with defaults; ``vc-quant
+compress --streaming``. Then a model built from a config whose fp32 weights are larger
+than a memory limit set for the process (``RLIMIT_DATA``: private memory; the
+memory-mapped checkpoint does not count): the streaming path runs under it, the
+in-memory path cannot. Peak RSS is the process's ``ru_maxrss``; "over imports" subtracts
+the RSS after importing torch + transformers + vc_quant.
+
+    python scripts/bench_memory.py [--big-layers 12] [--limit-gb 1.5] [--out results/memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+HEADER = """
+import json, resource, sys, time, torch, transformers, vc_quant
+def rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = rss_mb()
+"""
+FOOTER = """
+print("RESULT " + json.dumps({"peak_mb": rss_mb(), "imports_mb": base}))
+"""
+
+CASES = {
+    "plain load + forward (fp32)": """
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.float32)
+        with torch.no_grad(): m(torch.tensor([[1, 2, 3, 4]]))
+    """,
+    "quantize on load, uniform (fp32)": """
+        from transformers import AutoModelForCausalLM
+        cfg = vc_quant.VcQuantizationConfig(bits=2.5, allocation="uniform")
+        m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.float32, quantization_config=cfg)
+    """,
+    "quantize on load, Fisher (bf16)": """
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.bfloat16,
+                                                 quantization_config=vc_quant.VcQuantizationConfig(bits=2.5))
+    """,
+    "vc-quant compress (defaults)": """
+        from vc_quant.cli import main
+        assert main(["compress", SRC, DST, "--overwrite"]) == 0
+    """,
+    "vc-quant compress --streaming (uniform)": """
+        from vc_quant.cli import main
+        assert main(["compress", SRC, DST, "--overwrite", "--streaming", "--allocation", "uniform"]) == 0
+    """,
+}
+
+
+def run(code: str, src: str, dst: str, limit_bytes: int | None = None) -> dict:
+    prelude = f"SRC, DST = {src!r}, {dst!r}\n"
+    if limit_bytes:
+        prelude += f"resource.setrlimit(resource.RLIMIT_DATA, ({limit_bytes}, {limit_bytes}))\n"
+    script = HEADER + prelude + textwrap.dedent(code) + FOOTER
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"ok": False, "error": tail[0][:200], "seconds": seconds}
+    return {"ok": True, "seconds": seconds, **json.loads(lines[-1][7:])}
+
+
+def build_big(folder: Path, layers: int) -> int:
+    """A Llama with SmolLM2's width x ``layers`` (random N(0, 0.02) weights), saved in fp32; returns bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not (folder / "config.json").exists():
+        config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                             num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.02)
+        model.save_pretrained(folder, max_shard_size="1GB")
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--big-layers", type=int, default=12, help="decoder layers of the config-built model")
+    ap.add_argument("--limit-gb", type=float, default=1.5, help="RLIMIT_DATA for the big-model cases")
+    ap.add_argument("--out", default="results/memory/bench_memory")
+    ap.add_argument("--only-big", action="store_true")
+    args = ap.parse_args()
+    from vc_quant.testing import smollm2_checkpoint
+
+    src = str(smollm2_checkpoint())
+    work = Path(".cache/bench_memory")
+    work.mkdir(parents=True, exist_ok=True)
+    model_mb = sum(p.stat().st_size for p in Path(src).glob("*.safetensors")) / 2**20
+    rows = []
+    if not args.only_big:
+        for name, code in CASES.items():
+            res = run(code, src, str(work / "dst"))
+            rows.append({"case": name, "model": "SmolLM2-135M", "model_mb": model_mb, **res})
+            print(json.dumps(rows[-1]), flush=True)
+    big = work / f"big-{args.big_layers}"
+    big_mb = build_big(big, args.big_layers) / 2**20
+    limit = int(args.limit_gb * 2**30)
+    streaming = ('from vc_quant.cli import main\nassert main(["compress", SRC, DST, "--overwrite", "--streaming", '
+                 '"--allocation", "uniform", "--codec", "av1", "--max-shard-size", "500MB"]) == 0')  # fmt: skip
+    in_memory = ('from vc_quant.cli import main\nassert main(["compress", SRC, DST, "--overwrite", "--allocation", '
+                 '"uniform", "--codec", "av1"]) == 0')  # fmt: skip
+    for name, code in (("vc-quant compress --streaming, RLIMIT_DATA", streaming),
+                       ("vc-quant compress (in memory), RLIMIT_DATA", in_memory)):  # fmt: skip
+        res = run(code, str(big), str(work / "big-dst"), limit)
+        rows.append({"case": name, "model": f"Llama {args.big_layers}x2048 (config, fp32)", "model_mb": big_mb,
+                     "limit_mb": limit / 2**20, **res})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    write(rows, Path(args.out))
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    lines = ["| case | model (checkpoint MB) | limit | peak RSS MB | over imports MB | x checkpoint | seconds |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        limit = f"{r['limit_mb']:.0f} MB" if "limit_mb" in r else "-"
+        if r["ok"]:
+            over = r["peak_mb"] - r["imports_mb"]
+            lines.append(f"| {r['case']} | {r['model']} ({r['model_mb']:.0f}) | {limit} | {r['peak_mb']:.0f} | "
+                         f"{over:.0f} | {over / r['model_mb']:.2f} | {r['seconds']:.0f} |")  # fmt: skip
+        else:
+            lines.append(f"| {r['case']} | {r['model']} ({r['model_mb']:.0f}) | {limit} | failed: {r['error']} "
+                         f"| | | {r['seconds']:.0f} |")  # fmt: skip
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

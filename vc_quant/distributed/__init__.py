@@ -1,0 +1,38 @@
+"""Tensors compressed in flight on ``torch.distributed`` (independent of transformers).
+
+* :mod:`~vc_quant.distributed.ddp` — a DDP communication hook for gradients
+  (:class:`VcHookState`, :func:`vc_allreduce_hook`);
+* :mod:`~vc_quant.distributed.pipeline` — activations and activation gradients between pipeline
+  stages (:func:`send_compressed`, :func:`recv_compressed`, :class:`StageBoundary`);
+* :mod:`~vc_quant.distributed.inflight` — the shared in-flight codec (predicted step, one encode per
+  tensor, packed records, measured bytes).
+"""
+
+from vc_quant.distributed.ddp import (
+    HookStats,
+    VcHookState,
+    ddp_kwargs,
+    linear_schedule,
+    register,
+    use_in_trainer,
+    vc_allreduce_hook,
+)
+from vc_quant.distributed.inflight import InflightCodec, pack, unpack
+from vc_quant.distributed.pipeline import LinkStats, StageBoundary, recv_compressed, send_compressed
+
+__all__ = [
+    "HookStats",
+    "InflightCodec",
+    "LinkStats",
+    "StageBoundary",
+    "VcHookState",
+    "ddp_kwargs",
+    "linear_schedule",
+    "pack",
+    "recv_compressed",
+    "register",
+    "send_compressed",
+    "unpack",
+    "use_in_trainer",
+    "vc_allreduce_hook",
+]
