@@ -5,8 +5,9 @@ load (uniform fp32, Fisher bf16); ``vc-quant compress`` with defaults; ``vc-quan
 compress --streaming``. Then a model built from a config whose fp32 weights are larger
 than a memory limit set for the process (``RLIMIT_DATA``: private memory; the
 memory-mapped checkpoint does not count): the streaming path runs under it, the
-in-memory path cannot. Peak RSS is the process's ``ru_maxrss``; "over imports" subtracts
-the RSS after importing torch + transformers + vc_quant.
+in-memory path cannot. Peak RSS is the process's ``ru_maxrss`` (it includes the pages of memory-mapped
+checkpoint files); peak private memory is ``RssAnon`` sampled every 20 ms; "over imports"
+subtracts the value after importing torch + transformers + vc_quant.
 
     python scripts/bench_memory.py [--big-layers 12] [--limit-gb 1.5] [--out results/memory]
 """
@@ -22,13 +23,26 @@ import time
 from pathlib import Path
 
 HEADER = """
-import json, resource, sys, time, torch, transformers, vc_quant
+import json, resource, sys, threading, time, torch, transformers, vc_quant
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-base = rss_mb()
+def anon_mb():  # private memory (RssAnon): what the process allocated, without mapped files
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+peak_anon = [anon_mb()]
+def sample():
+    while True:
+        peak_anon[0] = max(peak_anon[0], anon_mb())
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
+base, base_anon = rss_mb(), anon_mb()
 """
 FOOTER = """
-print("RESULT " + json.dumps({"peak_mb": rss_mb(), "imports_mb": base}))
+peak_anon[0] = max(peak_anon[0], anon_mb())
+print("RESULT " + json.dumps({"peak_mb": rss_mb(), "imports_mb": base, "peak_anon_mb": peak_anon[0],
+                              "imports_anon_mb": base_anon}))
 """
 
 CASES = {
@@ -129,14 +143,15 @@ def main() -> None:
 def write(rows: list[dict], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
-    lines = ["| case | model (checkpoint MB) | limit | peak RSS MB | over imports MB | x checkpoint | seconds |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| case | model (checkpoint MB) | limit | peak RSS MB (over imports) | peak private MB (over imports) "
+             "| private over imports / checkpoint | seconds |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         limit = f"{r['limit_mb']:.0f} MB" if "limit_mb" in r else "-"
         if r["ok"]:
-            over = r["peak_mb"] - r["imports_mb"]
-            lines.append(f"| {r['case']} | {r['model']} ({r['model_mb']:.0f}) | {limit} | {r['peak_mb']:.0f} | "
-                         f"{over:.0f} | {over / r['model_mb']:.2f} | {r['seconds']:.0f} |")  # fmt: skip
+            over, anon = r["peak_mb"] - r["imports_mb"], r["peak_anon_mb"] - r["imports_anon_mb"]
+            lines.append(f"| {r['case']} | {r['model']} ({r['model_mb']:.0f}) | {limit} | {r['peak_mb']:.0f} "
+                         f"({over:.0f}) | {r['peak_anon_mb']:.0f} ({anon:.0f}) | {anon / r['model_mb']:.2f} | "
+                         f"{r['seconds']:.0f} |")  # fmt: skip
         else:
             lines.append(f"| {r['case']} | {r['model']} ({r['model_mb']:.0f}) | {limit} | failed: {r['error']} "
                          f"| | | {r['seconds']:.0f} |")  # fmt: skip

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from vc_quant import format as fmt
 from vc_quant.codec.record import MAX_META_BYTES, EncodedTensor
 from vc_quant.errors import VcCorruptDataError
+from vc_quant.safetensors_io import TensorInfo, read_header, read_tensor
 
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 
@@ -28,8 +28,15 @@ INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 @dataclass(frozen=True)
 class Entry:
     shard: Path
-    dtype: str  # safetensors dtype name, e.g. "U8", "F16"
-    shape: tuple[int, ...]
+    info: TensorInfo
+
+    @property
+    def dtype(self) -> str:  # safetensors dtype name, e.g. "U8", "F16"
+        return self.info.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
 
     @property
     def numel(self) -> int:
@@ -37,11 +44,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _DTYPE_BYTES.get(self.dtype, 8)
-
-
-_DTYPE_BYTES = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "U16": 2, "F32": 4, "I32": 4, "U32": 4,
-                "F64": 8, "I64": 8, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+        return self.info.end - self.info.start
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -66,17 +69,12 @@ class Checkpoint:
         for shard in self.files:
             if not shard.is_file():
                 raise VcCorruptDataError(f"{shard}: shard is missing (deleted, or an interrupted save)")
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    self.shard_meta[shard] = dict(f.metadata() or {})
-                    for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        s = f.get_slice(key)
-                        if key in self.entries:
-                            self.problems.append(f"{key}: stored in two shards ({self.entries[key].shard.name}, "
-                                                 f"{shard.name})")  # fmt: skip
-                        self.entries[key] = Entry(shard, s.get_dtype(), tuple(s.get_shape()))
-            except Exception as exc:  # safetensors raises its own SafetensorError for bad headers and truncation
-                raise VcCorruptDataError(f"{shard}: not a readable safetensors file ({exc})") from exc
+            header = read_header(shard)
+            self.shard_meta[shard] = header.metadata
+            for key, info in header.tensors.items():
+                if key in self.entries:
+                    self.problems.append(f"{key}: stored in two shards ({self.entries[key].shard.name}, {shard.name})")
+                self.entries[key] = Entry(shard, info)
         self._check_index()
         self._check_records()
 
@@ -188,8 +186,8 @@ class Checkpoint:
         return sum(self.entries[n].nbytes for n in self.record_files(key))
 
     def read(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.entries[key].shard), framework="pt") as f:
-            return f.get_tensor(key)
+        entry = self.entries[key]
+        return read_tensor(entry.shard, entry.info)
 
     def read_record(self, key: str, verify: bool = True) -> EncodedTensor:
         """The record of ``key`` (entries may sit in different shards), checked before reading."""

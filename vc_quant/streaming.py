@@ -23,7 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -56,10 +55,9 @@ def quantized_weight_names(src: Path, config: VcQuantizationConfig) -> set[str]:
 
 
 def _source_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    for shard in ckpt.files:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                yield key, f.get_tensor(key)
+    """Every tensor of the checkpoint, read one at a time (no shard is mapped whole)."""
+    for key in sorted(ckpt.entries, key=lambda k: (str(ckpt.entries[k].shard), ckpt.entries[k].info.start)):
+        yield key, ckpt.read(key)
 
 
 class _ShardWriter:

@@ -152,8 +152,10 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
 
     # High-rate Gaussian guess: step ≈ σ·sqrt(2πe)·2^-R, in pixels (amplitude 1);
     # +0.5 is the measured gain of x265's dead-zone/RDOQ quantiser.
-    sigma = float(x.std()) if numel > 1 else 0.0
-    sigma_pixels = sigma / float(step1.float().mean()) if sigma > 0 else 1.0
+    # σ in pixels at amplitude 1: per-row maps give each row its own step, so measure it
+    # in the pixel domain (a mean step would be dominated by the rows with outliers)
+    sigma_pixels = float(((x - center1.float()) / step1.float()).std()) if numel > 1 else 0.0
+    sigma_pixels = sigma_pixels if sigma_pixels > 0 else 1.0
     e_start = math.log2(sigma_pixels * 4.13) - target + 0.5
     e_bounds = (backend.log2_step(backend.qp_min), backend.log2_step(backend.qp_max) + 7.0)
     e_start = min(max(e_start, e_bounds[0]), e_bounds[1])

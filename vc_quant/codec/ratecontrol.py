@@ -74,7 +74,7 @@ def search_rate(
     r0 = sample_rate(e0)
     e1 = clamp(e0 + (0.5 if r0 > target else -0.5), e0)
     r1 = sample_rate(e1)
-    slope = (r1 - r0) / (e1 - e0)
+    slope = (r1 - r0) / (e1 - e0) if abs(e1 - e0) > 1e-9 else -1.0  # e1 == e0 when e0 sits on a bound
     if not slope < -1e-3:
         slope = -1.0
     near = min(((e0, r0), (e1, r1)), key=lambda p: abs(p[1] - target))

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from vc_quant import format as fmt
 from vc_quant.codec.record import EncodedTensor
 from vc_quant.errors import VcCorruptDataError
+from vc_quant.safetensors_io import read_header, read_tensor
 
 
 class RecordSource:
@@ -51,10 +50,9 @@ class CheckpointRecord(RecordSource):
         try:
             tensors = {}
             for entry, path in self.files.items():
-                with safe_open(str(path), framework="pt") as f:
-                    # a copy: the file may be overwritten by the save that asked for it
-                    tensors[entry] = f.get_tensor(entry).clone()
-        except (OSError, KeyError, RuntimeError) as exc:  # safetensors raises these for vanished/changed files
+                # read into memory of our own: the save that asked for it may overwrite the file
+                tensors[entry] = read_tensor(path, read_header(path).tensors[entry])
+        except (OSError, KeyError, VcCorruptDataError) as exc:
             raise VcCorruptDataError(
                 f"{self.key}: cannot read its record back from {sorted({str(p) for p in self.files.values()})} "
                 f"({exc}); the checkpoint this model was loaded from changed or was removed"
