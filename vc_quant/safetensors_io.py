@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,3 +97,37 @@ def read_tensor(path: str | Path, info: TensorInfo) -> torch.Tensor:
     if not data:
         return torch.empty(info.shape, dtype=DTYPES[info.dtype])
     return torch.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_SYNC_EVERY = 64 << 20
+
+
+def write_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor, straight from each tensor's memory (no serialised copy).
+
+    ``safetensors.torch.save_file`` first turns every tensor into a ``bytes`` copy; for a
+    bounded-memory writer the file is produced as it is read back: a header padded to
+    8 bytes, then the raw data in the header's order.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    order = sorted(tensors)
+    for key in order:
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        header[key] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in order:
+            t = tensors[key].detach().cpu().contiguous()
+            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            for start in range(0, len(data), _SYNC_EVERY):
+                f.write(data[start : start + _SYNC_EVERY])
+                f.flush()
+                # written-back pages can be reclaimed: under a memory limit, dirty pages cannot
+                os.fdatasync(f.fileno())

@@ -23,7 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from vc_quant import format as fmt
@@ -31,6 +30,7 @@ from vc_quant.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from vc_quant.codec import encode_tensor
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError
+from vc_quant.safetensors_io import write_file
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,14 @@ class _ShardWriter:
             if plain:
                 self.plain[key] = fmt.tensor_crc32(t)
         self.size += nbytes
+        if self.size >= self.max_bytes:  # a full shard (or one large tensor) leaves memory at once
+            self.flush()
 
     def flush(self) -> None:
         if not self.current:
             return
         path = self.folder / f"part-{len(self.written):05d}.safetensors"
-        save_file(self.current, str(path), metadata={**fmt.shard_metadata(self.save_id, self.plain), "format": "pt"})
+        write_file(path, self.current, metadata={**fmt.shard_metadata(self.save_id, self.plain), "format": "pt"})
         self.written.append((path, sorted(self.current)))
         self.current, self.plain, self.size = {}, {}, 0
 
@@ -149,7 +151,7 @@ def compress_streaming(
             if key in targets:
                 bits = config.bits_for(key.removesuffix(".weight"))
                 in_flight.append((key, pool.submit(encode_tensor, tensor, bits, name=key, **config.codec_kwargs())))
-                drain(2 * workers)  # bounded: at most this many source weights in memory
+                drain(workers)  # bounded: at most this many source weights in memory
             else:
                 if dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(dtype)

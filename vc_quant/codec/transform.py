@@ -103,6 +103,20 @@ def rotate(x: torch.Tensor, seed: int) -> torch.Tensor:
     return y.reshape(x.shape)
 
 
+def rotate_exact(x: torch.Tensor, seed: int, rows_per_block: int = 1024) -> torch.Tensor:
+    """:func:`rotate` computed in float64, returned in float32, a block of rows at a time.
+
+    The encoder's rotation: float64 keeps it exact to the last float32 bit, and blocks
+    keep the float64 temporaries small (a full float64 copy of a 5632-wide matrix is 8x
+    the float32 bytes of the block, not of the matrix). Rows rotate independently, so
+    the result equals rotating the whole matrix at once.
+    """
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start in range(0, x.shape[0], rows_per_block):
+        out[start : start + rows_per_block] = rotate(x[start : start + rows_per_block].double(), seed)
+    return out
+
+
 def unrotate(y: torch.Tensor, seed: int) -> torch.Tensor:
     """Exact inverse of :func:`rotate` (up to float rounding)."""
     n = y.shape[-1]

@@ -1,0 +1,96 @@
+"""Make vc checkpoints load wherever transformers loads, without ``import vc_quant``.
+
+Installed with vc_quant, imported at interpreter start by ``vc_quant-autoload.pth`` in
+site-packages. It costs one entry on ``sys.meta_path`` and imports nothing: when (and
+only when) ``transformers.quantizers.auto`` is imported, the ``vc`` method is added to
+transformers' quantizer registry as a lazy entry, and vc_quant itself is imported the
+first time a ``vc`` config is actually met (a checkpoint's ``config.json`` or a
+``VcQuantizationConfig``). So ``lm_eval --model hf --model_args pretrained=DST``, a
+pipeline or any ``from_pretrained`` reads a vc checkpoint like any other.
+
+Nothing here may fail an interpreter start: every error is swallowed (and the loading of
+a vc checkpoint then fails loudly in transformers, as without vc_quant).
+"""
+
+import importlib.abc
+import importlib.util
+import sys
+
+_TARGET = "transformers.quantizers.auto"
+_METHOD = "vc"
+
+
+def _vc_quant():
+    try:
+        import vc_quant
+    except Exception as exc:  # a broken install: say what is needed
+        raise ImportError(
+            "this checkpoint was written by vc_quant (quant_method 'vc'), which failed to import: "
+            f"{exc}. Install or repair it: pip install vc_quant"
+        ) from exc
+    return vc_quant
+
+
+class _LazyVcConfig:
+    """Stands in for VcQuantizationConfig until a vc config is met."""
+
+    @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        return _vc_quant().VcQuantizationConfig.from_dict(config_dict, return_unused_kwargs, **kwargs)
+
+
+class _LazyVcQuantizer:
+    """Stands in for VcHfQuantizer (by then vc_quant is imported and the real class registered)."""
+
+    def __new__(cls, quantization_config, **kwargs):
+        return _vc_quant().hf.VcHfQuantizer(quantization_config, **kwargs)
+
+
+def _register(module) -> None:
+    if _METHOD not in module.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        module.AUTO_QUANTIZATION_CONFIG_MAPPING[_METHOD] = _LazyVcConfig
+    if _METHOD not in module.AUTO_QUANTIZER_MAPPING:
+        module.AUTO_QUANTIZER_MAPPING[_METHOD] = _LazyVcQuantizer
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self.loader.exec_module(module)
+        try:
+            _register(module)
+        except Exception:  # never break transformers' own import
+            pass
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        sys.meta_path.remove(self)  # find the real module once, without us
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _Loader(spec.loader)
+        return spec
+
+
+def install() -> None:
+    if _TARGET in sys.modules:  # transformers came first: register right away
+        _register(sys.modules[_TARGET])
+    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+try:
+    install()
+except Exception:  # an interpreter start must never fail because of us
+    pass
