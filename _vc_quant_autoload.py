@@ -9,11 +9,11 @@ first time a ``vc`` config is actually met (a checkpoint's ``config.json`` or a
 pipeline or any ``from_pretrained`` reads a vc checkpoint like any other.
 
 Nothing here may fail an interpreter start: every error is swallowed (and the loading of
-a vc checkpoint then fails loudly in transformers, as without vc_quant).
+a vc checkpoint then fails loudly in transformers, as without vc_quant). Nothing is
+imported at start-up but ``sys`` (the finder and loader follow the import protocol
+without ``importlib.abc``): measured cost ~1 ms per interpreter start (docs/results.md).
 """
 
-import importlib.abc
-import importlib.util
 import sys
 
 _TARGET = "transformers.quantizers.auto"
@@ -53,7 +53,9 @@ def _register(module) -> None:
         module.AUTO_QUANTIZER_MAPPING[_METHOD] = _LazyVcQuantizer
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
+    """Runs the real loader, then adds the lazy ``vc`` entries to the module it filled."""
+
     def __init__(self, loader) -> None:
         self.loader = loader
 
@@ -62,35 +64,41 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        try:
+        try:  # noqa: SIM105 — no contextlib: it costs start-up time
             _register(module)
         except Exception:  # never break transformers' own import
             pass
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
+    """A meta path finder for one module name; every other import passes straight through."""
+
     def find_spec(self, fullname, path, target=None):
         if fullname != _TARGET:
             return None
-        sys.meta_path.remove(self)  # find the real module once, without us
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _Loader(spec.loader)
-        return spec
+        for finder in sys.meta_path:  # the real spec, from the finders after us
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
 
 
 def install() -> None:
+    import os  # already imported by site: free
+
+    if os.environ.get("VC_QUANT_AUTOLOAD", "1") == "0":  # opt out (and how tests simulate an absent vc_quant)
+        return
     if _TARGET in sys.modules:  # transformers came first: register right away
         _register(sys.modules[_TARGET])
     elif not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
 
 
-try:
+try:  # noqa: SIM105 — no contextlib: it costs start-up time
     install()
 except Exception:  # an interpreter start must never fail because of us
     pass

@@ -1,13 +1,15 @@
 """Installs ``vc_quant-autoload.pth`` into site-packages next to the package (see _vc_quant_autoload.py).
 
-Everything else is in setup.cfg. The .pth file is added to the build (wheel or editable
-wheel), so ``pip install`` and ``pip install -e`` both put it where Python reads it.
+Everything else is in setup.cfg. The .pth file is added to the regular wheel (build_py)
+and to the editable one (``pip install -e``), so both put it where Python reads it.
 """
 
+import shutil
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 PTH = "vc_quant-autoload.pth"
 
@@ -23,4 +25,11 @@ class BuildWithAutoload(build_py):
         return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH)]
 
 
-setup(cmdclass={"build_py": BuildWithAutoload})
+class EditableWithAutoload(editable_wheel):
+    # the files of this directory become the editable wheel's root (where setuptools puts its own .pth)
+    def _install_namespaces(self, installation_dir, pth_prefix) -> None:
+        super()._install_namespaces(installation_dir, pth_prefix)
+        shutil.copy(PTH, Path(installation_dir) / PTH)
+
+
+setup(cmdclass={"build_py": BuildWithAutoload, "editable_wheel": EditableWithAutoload})

@@ -7,8 +7,9 @@ than a memory limit set for the process: a cgroup (v1) memory limit, which count
 what the process really holds (private memory, and page cache it cannot give back). The
 streaming path runs under it, the in-memory path cannot. Without a writable cgroup the
 limit is skipped (and the table says so). Peak RSS is the process's ``ru_maxrss`` (it
-includes the pages of memory-mapped checkpoint files); peak private memory is ``RssAnon`` sampled every 20 ms; "over imports"
-subtracts the value after importing torch + transformers + vc_quant.
+includes the pages of memory-mapped checkpoint files); peak private memory is
+``RssAnon`` sampled every 20 ms; "over imports" subtracts the value after importing
+torch + transformers + vc_quant.
 
     python scripts/bench_memory.py [--big-layers 12] [--limit-gb 1.5] [--out results/memory]
 """

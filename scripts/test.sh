@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VC_QUANT_REQUIRE_ASSETS=1  # real-model tests must run, not skip
-.venv/bin/python -m ruff check vc_quant tests scripts
+.venv/bin/python -m ruff check vc_quant tests scripts _vc_quant_autoload.py setup.py
 .venv/bin/python -m pytest -q "$@"

@@ -50,12 +50,13 @@ def test_windows_without_bos_use_every_token(tiny_with_tokenizer):
     assert w.shape == (len(ids) // 32, 32) and w[0].tolist() == ids[:32]
 
 
-def test_lm_eval_wrapper_runs_offline_piqa_on_a_compressed_checkpoint(tiny_with_tokenizer, tmp_path):
+def test_plain_lm_eval_reads_a_vc_checkpoint(tiny_with_tokenizer, tmp_path):
+    """lm-eval's own CLI, in a process that never imports vc_quant (the autoload hook registers it)."""
     path, _ = tiny_with_tokenizer
-    out = tmp_path / "res"
-    cmd = [sys.executable, "-m", "vc_quant.cli", "lm-eval", "--offline-tasks", "--model", "hf",
-           "--model_args", f"pretrained={path},dtype=float32", "--tasks", "piqa_offline", "--limit", "6",
-           "--device", "cpu", "--batch_size", "2", "--output_path", str(out)]  # fmt: skip
+    tasks = write_offline_tasks(tmp_path / "tasks", wiki_docs=5)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={path},dtype=float32",
+           "--tasks", "piqa_offline", "--include_path", str(tasks), "--limit", "6", "--device", "cpu",
+           "--batch_size", "2", "--output_path", str(tmp_path / "res")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "piqa_offline" in proc.stdout and "acc" in proc.stdout

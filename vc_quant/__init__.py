@@ -19,7 +19,7 @@ from vc_quant.hf import register as _register
 from vc_quant.kv_cache import VcQuantizedCache
 from vc_quant.nn import VcLinear
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _register()
 
 __all__ = [

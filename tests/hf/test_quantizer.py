@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -175,11 +176,35 @@ def test_corrupted_shard_raises_naming_the_tensor(tiny_quantized, copy_dir):
         AutoModelForCausalLM.from_pretrained(path)
 
 
-def test_loading_without_import_fails_loudly(tiny_quantized):
-    """A fresh Python that never imported vc_quant must not get random weights."""
+def test_a_fresh_process_loads_without_importing_vc_quant(tiny_quantized, tmp_path):
+    """The autoload hook (vc_quant-autoload.pth) registers the method when transformers needs it."""
+    path, logits = tiny_quantized
+    out = tmp_path / "logits.pt"
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        assert "vc_quant" not in sys.modules
+        m = AutoModelForCausalLM.from_pretrained({str(path)!r})
+        with torch.no_grad():
+            torch.save(m(torch.tensor([[1, 2, 3, 4, 5]])).logits, {str(out)!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert torch.equal(torch.load(out), logits)
+
+
+def test_importing_transformers_does_not_import_vc_quant():
+    code = ("import sys, transformers.quantizers.auto as a; "
+            "print('vc' in a.AUTO_QUANTIZER_MAPPING, 'vc_quant' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+
+
+def test_loading_without_vc_quant_fails_loudly(tiny_quantized):
+    """Where vc_quant is absent (simulated: autoload off), no random weights: a loud error."""
     path, _ = tiny_quantized
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "VC_QUANT_AUTOLOAD": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert "ignore_mismatched_sizes" in proc.stderr or "size mismatch" in proc.stderr
 
