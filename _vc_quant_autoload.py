@@ -10,14 +10,15 @@ pipeline or any ``from_pretrained`` reads a vc checkpoint like any other.
 
 Nothing here may fail an interpreter start: every error is swallowed (and the loading of
 a vc checkpoint then fails loudly in transformers, as without vc_quant). Nothing is
-imported at start-up but ``sys`` (the finder and loader follow the import protocol
-without ``importlib.abc``): measured cost ~1 ms per interpreter start (docs/results.md).
+imported at start-up but ``sys`` and ``os`` (already loaded by ``site``; the finder and
+loader follow the import protocol without ``importlib.abc``). ``VC_QUANT_AUTOLOAD=0``
+turns it off. vc_quant reuses :func:`after_import` for its PEFT integration.
 """
 
 import sys
 
-_TARGET = "transformers.quantizers.auto"
 _METHOD = "vc"
+_HOOKS: dict = {}  # module name -> callbacks run right after that module is first imported
 
 
 def _vc_quant():
@@ -46,56 +47,61 @@ class _LazyVcQuantizer:
         return _vc_quant().hf.VcHfQuantizer(quantization_config, **kwargs)
 
 
-def _register(module) -> None:
-    if _METHOD not in module.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        module.AUTO_QUANTIZATION_CONFIG_MAPPING[_METHOD] = _LazyVcConfig
-    if _METHOD not in module.AUTO_QUANTIZER_MAPPING:
-        module.AUTO_QUANTIZER_MAPPING[_METHOD] = _LazyVcQuantizer
+def _register_lazy(module) -> None:
+    module.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(_METHOD, _LazyVcConfig)
+    module.AUTO_QUANTIZER_MAPPING.setdefault(_METHOD, _LazyVcQuantizer)
 
 
 class _Loader:
-    """Runs the real loader, then adds the lazy ``vc`` entries to the module it filled."""
+    """Runs the real loader, then the callbacks registered for the module it filled."""
 
-    def __init__(self, loader) -> None:
-        self.loader = loader
+    def __init__(self, loader, name) -> None:
+        self.loader, self.name = loader, name
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        try:  # noqa: SIM105 — no contextlib: it costs start-up time
-            _register(module)
-        except Exception:  # never break transformers' own import
-            pass
+        for callback in _HOOKS.pop(self.name, ()):
+            try:  # noqa: SIM105 — no contextlib: it costs start-up time
+                callback(module)
+            except Exception:  # never break the import it follows
+                pass
 
 
 class _Finder:
-    """A meta path finder for one module name; every other import passes straight through."""
+    """A meta path finder for the hooked module names; every other import passes straight through."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in _HOOKS:
             return None
-        for finder in sys.meta_path:  # the real spec, from the finders after us
+        for finder in sys.meta_path:  # the real spec, from the other finders
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _Loader(spec.loader)
+                    spec.loader = _Loader(spec.loader, fullname)
                 return spec
         return None
+
+
+def after_import(name: str, callback) -> None:
+    """Run ``callback(module)`` once ``name`` is imported (at once if it already is)."""
+    if name in sys.modules:
+        callback(sys.modules[name])
+        return
+    _HOOKS.setdefault(name, []).append(callback)
+    if not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
 
 
 def install() -> None:
     import os  # already imported by site: free
 
-    if os.environ.get("VC_QUANT_AUTOLOAD", "1") == "0":  # opt out (and how tests simulate an absent vc_quant)
-        return
-    if _TARGET in sys.modules:  # transformers came first: register right away
-        _register(sys.modules[_TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Finder())
+    if os.environ.get("VC_QUANT_AUTOLOAD", "1") != "0":  # "0": opt out (how tests simulate an absent vc_quant)
+        after_import("transformers.quantizers.auto", _register_lazy)
 
 
 try:  # noqa: SIM105 — no contextlib: it costs start-up time

@@ -16,11 +16,13 @@ from vc_quant.errors import (
 )
 from vc_quant.hf import memory_bytes, save_atomic
 from vc_quant.hf import register as _register
+from vc_quant.integrations import peft as _peft
 from vc_quant.kv_cache import VcQuantizedCache
 from vc_quant.nn import VcLinear
 
 __version__ = "0.2.0"
 _register()
+_peft.install_when_imported()
 
 __all__ = [
     "CodecOptions",

@@ -148,6 +148,23 @@ class VcLinear(nn.Linear):
             return EncodedTensor(self.weight.cpu(), self.weight_center.cpu(), self.weight_step.cpu(), self.meta)
         return self.source.load()
 
+    def to_dense(self) -> None:
+        """Switch to dense residency in place (the decoded weight; e.g. before merging an adapter).
+
+        The stored record still describes this weight, so a save without further changes
+        writes it as it is; a change after this (a merge) is detected and re-encoded.
+        """
+        if self.resident == "dense":
+            return
+        weight = self.dequantize_weight()
+        if self.window is not None:
+            self.window.remove(self)
+            self.window = None
+        del self.weight
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.resident = "dense"
+        self.fingerprint = self.resident_fingerprint()
+
     def held_bytes(self) -> int:
         """Host bytes held outside parameters and buffers (records kept for saving)."""
         return self.source.held_bytes if self.source is not None and self.resident != "bitstream" else 0

@@ -51,7 +51,7 @@ class BitstreamWindow:
             self._pending[i] = job
             for k in range(1, self.ahead + 1):
                 j = (i + k) % len(self.modules)
-                if j not in self._pending:
+                if j not in self._pending and self.modules[j] is not None:
                     self._pending[j] = self._submit(j)
         return job.result()
 
@@ -60,6 +60,13 @@ class BitstreamWindow:
         with self._lock:
             self._pending.pop(self.index[id(module)], None)
 
+    def remove(self, module: VcLinear) -> None:
+        """Stop serving ``module`` (it left bitstream residency)."""
+        with self._lock:
+            i = self.index.pop(id(module))
+            self._pending.pop(i, None)
+            self.modules[i] = None  # keep the other indices; a None is skipped when prefetching
+
     def held(self) -> int:
         """Decoded (or decoding) sample matrices held now."""
         with self._lock:
@@ -67,7 +74,8 @@ class BitstreamWindow:
 
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(self.modules[i].in_features * self.modules[i].out_features for i in self._pending)
+            return sum(self.modules[i].in_features * self.modules[i].out_features for i in self._pending
+                       if self.modules[i] is not None)  # fmt: skip
 
     def close(self) -> None:
         with self._lock:

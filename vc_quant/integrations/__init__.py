@@ -1,0 +1,1 @@
+"""Optional integrations with other libraries (installed only when those libraries are present)."""
