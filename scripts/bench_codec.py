@@ -23,21 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from plotting import finish_log_plot  # scripts/plotting.py
-from safetensors.torch import load_file
+from common import default_out, finish_log_plot, smollm2_state  # scripts/common.py
 
 from vc_quant import decode_tensor, encode_tensor
 from vc_quant.codec import frames as fr
 from vc_quant.codec.decode import decode_frames
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
-from vc_quant.testing import smollm2_checkpoint
 
 KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # fmt: skip
-
-
-def rel_mse(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a.double() - b.double()) ** 2).sum() / (b.double() ** 2).sum())
 
 
 def pooled_rel_mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -52,14 +46,14 @@ def main() -> None:
     ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 2.5, 3.0, 3.5, 4.0])
     ap.add_argument("--codec", default="hevc", help="picture codec: hevc (default), av1, h264")
     ap.add_argument("--preset", default=None, help="encoder preset (default: the codec default)")
-    ap.add_argument("--out", default="results/codec")
+    ap.add_argument("--out", default=default_out("codec"), help="results folder (committed: results/codec)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     opts = {"codec": args.codec, **({"preset": args.preset} if args.preset else {})}
 
-    state = load_file(str(smollm2_checkpoint() / "model.safetensors"))
+    state = smollm2_state()
     names = [f"model.layers.{i}.{k}.weight" for i in args.layers for k in KINDS]
     weights = {n: state[n].float() for n in names}
     n_values = sum(w.numel() for w in weights.values())

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import default_out, free_port  # scripts/common.py
 
 ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef"]
 SEQ, BATCH, VAL_WINDOWS, LR = 128, 8, 32, 2e-3
@@ -61,14 +62,6 @@ def windows(steps: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, cache)
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def small_llama():
@@ -167,7 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    ap.add_argument("--out", default="results/ddp")
+    ap.add_argument("--out", default=default_out("ddp"), help="results folder (committed: results/ddp)")
     args = ap.parse_args()
     out = Path(args.out)
     raw = out / "raw"

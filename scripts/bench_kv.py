@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import default_out  # scripts/common.py
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from transformers.cache_utils import Cache, QuantizedLayer
 
@@ -193,7 +194,7 @@ def main() -> None:
     ap.add_argument("--memory-tokens", type=int, nargs="*", default=[1024, 4096])
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--memory-dtype", default="bfloat16", help="model dtype for the memory runs (16-bit residuals)")
-    ap.add_argument("--out", default="results/kv")
+    ap.add_argument("--out", default=default_out("kv"), help="results folder (committed: results/kv)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

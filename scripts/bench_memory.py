@@ -24,6 +24,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from common import checkpoint_bytes, default_out  # scripts/common.py
+
 HEADER = """
 import json, resource, sys, threading, time, torch, transformers, vc_quant
 def rss_mb():
@@ -119,14 +121,15 @@ def build_big(folder: Path, layers: int) -> int:
                 if p.dim() == 2:
                     p.normal_(0, 0.02)
         model.save_pretrained(folder, max_shard_size="1GB")
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return checkpoint_bytes(folder)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-layers", type=int, default=12, help="decoder layers of the config-built model")
     ap.add_argument("--limit-gb", type=float, default=1.5, help="memory limit (cgroup) of the big-model cases")
-    ap.add_argument("--out", default="results/memory/bench_memory")
+    ap.add_argument("--out", default=default_out("memory/bench_memory"),
+                    help="output path stem (committed: results/memory/bench_memory)")
     ap.add_argument("--only-big", action="store_true")
     args = ap.parse_args()
     from vc_quant.testing import smollm2_checkpoint
@@ -134,7 +137,7 @@ def main() -> None:
     src = str(smollm2_checkpoint())
     work = Path(".cache/bench_memory")
     work.mkdir(parents=True, exist_ok=True)
-    model_mb = sum(p.stat().st_size for p in Path(src).glob("*.safetensors")) / 2**20
+    model_mb = checkpoint_bytes(src) / 2**20
     rows = []
     if not args.only_big:
         for name, code in CASES.items():

@@ -24,22 +24,16 @@ import argparse
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import default_out, free_port  # scripts/common.py
 
 SEQ = 512
 TRAIN_SEQ, TRAIN_BATCH, VAL = 128, 4, 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data(windows: int, train_steps: int) -> dict:
@@ -190,7 +184,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--grad-bits", type=float, nargs="+", default=[4.0, 6.0])
-    ap.add_argument("--out", default="results/pipeline")
+    ap.add_argument("--out", default=default_out("pipeline"), help="results folder (committed: results/pipeline)")
     ap.add_argument("--skip", choices=["inference", "training"], nargs="*", default=[])
     args = ap.parse_args()
     out = Path(args.out)

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import default_out  # scripts/common.py
 
 ROWS = ("bf16", "vc-dense", "vc-int8", "vc-bitstream", "hqq")
 CACHE = Path(".cache/bench_resident")
@@ -170,7 +171,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "1b"], choices=["smollm2", "1b"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--bits", type=float, default=2.5)
-    ap.add_argument("--out", default="results/resident")
+    ap.add_argument("--out", default=default_out("resident"), help="results folder (committed: results/resident)")
     ap.add_argument("--child", nargs=4, metavar=("ROW", "PATHS", "NEW_TOKENS", "PPL_WINDOWS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -19,16 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import checkpoint_bytes  # scripts/common.py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vc_quant
 from vc_quant.testing import smollm2_checkpoint
 
 PROMPT = "The capital of France is"
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
 def main() -> None:
@@ -93,7 +90,7 @@ def main() -> None:
     load_fp16 = min(res["fp16"], res["fp16_2"])
     load_vc = min(res["vc"], res["vc_2"])
 
-    fp16_b, vc_b = dir_bytes(fp16_dir), dir_bytes(vc_dir)
+    fp16_b, vc_b = checkpoint_bytes(fp16_dir), checkpoint_bytes(vc_dir)
     summary = {
         "model": src, "bits_target": args.bits, "quantized_tensors": report.tensors,
         "quantized_values": report.values, "bits_per_weight_all_in": report.bits_per_weight,

@@ -38,7 +38,15 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device_map=args.device)
     load_s = time.perf_counter() - t0
     tok = AutoTokenizer.from_pretrained(args.model)
-    text = load_text(args.text, args.text_file)
+    try:
+        text = load_text(args.text, args.text_file)
+    except Exception as exc:  # the hub is unreachable: say how to run offline
+        if args.text != "wikitext2" or args.text_file:
+            raise
+        raise SystemExit(
+            f"eval_ppl: WikiText-2 could not be loaded from the Hugging Face hub ({type(exc).__name__}: {exc}).\n"
+            "Offline, use --text wiki-offline (Wikipedia leads installed by scripts/setup.sh) or --text-file FILE."
+        ) from exc
     res = perplexity(model, tok, text, seqlen=args.seqlen, max_windows=args.max_windows, bos=not args.no_bos)
     res.update(model=args.model, text=args.text_file or args.text, load_seconds=load_s)
     report = getattr(model, "vc_quant_report", None)

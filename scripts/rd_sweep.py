@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from plotting import finish_log_plot  # scripts/plotting.py
+from common import decoder_linears, default_out, finish_log_plot  # scripts/common.py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vc_quant
@@ -32,10 +32,6 @@ from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 from vc_quant.testing import asset_dir, smollm2_checkpoint
 
 logger = logging.getLogger("rd_sweep")
-
-
-def decoder_linears(model) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
 
 
 class Evaluator:
@@ -85,7 +81,7 @@ def main() -> None:
     ap.add_argument("--text", default="wiki-offline", choices=["wiki-offline", "wikitext2"])
     ap.add_argument("--piqa-limit", type=int, default=500, help="PIQA questions (0: skip PIQA)")
     ap.add_argument("--only", choices=["fp", "rtn", "vc"], nargs="*", default=["fp", "rtn", "vc"])
-    ap.add_argument("--out", default="results/rd_sweep")
+    ap.add_argument("--out", default=default_out("rd_sweep"), help="results folder (committed: results/rd_sweep)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("transformers", "lm_eval", "urllib3", "httpx", "datasets"):

@@ -44,7 +44,7 @@ class VideoBackend(ABC):
         return (qp - 4) / 6.0
 
     #: extra encoder parameters a caller may set: ``{key: regex the value must fullmatch}``. An
-    #: allowlist of knobs that were measured (x265_knobs.py): anything else — file, log, stats or
+    #: allowlist of knobs that were measured (encoder_knobs.py): anything else — file, log, stats or
     #: analysis outputs in particular — is refused, so a config can never make the encoder touch
     #: the filesystem.
     allowed_params: dict[str, str] = {}  # noqa: RUF012 (read-only class data)

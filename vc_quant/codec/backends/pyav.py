@@ -103,10 +103,10 @@ class HevcBackend(_PyAVBackend):
 
     name, encoder, decoder = "hevc", "libx265", "hevc"
     qp_min, qp_max = 0, 51
-    # RDOQ, measured on SmolLM2 (x265_knobs.py, rd_sweep): -4% weight MSE at 2.5 bpw,
+    # RDOQ, measured on SmolLM2 (encoder_knobs.py, rd_sweep): -4% weight MSE at 2.5 bpw,
     # -9% at 4.0, perplexity at 2.5 bpw 97.6 -> 80.2, at ~1.6x the encode time
     default_params = "rdoq-level=2"
-    # the knobs measured in scripts/x265_knobs.py (none but RDOQ helped; the rest stay settable)
+    # the knobs measured in scripts/encoder_knobs.py (none but RDOQ helped; the rest stay settable)
     allowed_params = {  # noqa: RUF012
         "rdoq-level": "[0-2]", "tu-intra-depth": "[1-4]", "rd": "[1-6]", "ctu": "16|32|64",
         "signhide": "[01]", "no-signhide": "[01]",

@@ -6,7 +6,7 @@ the table gives the all-in rate, the relative MSE, its ratio to the Gaussian
 Shannon bound 2^(-2R) at the achieved rate, and the encode time (2 cores here:
 compare times within one run only).
 
-    python scripts/x265_knobs.py [--layers 10] [--targets 2.5 4.0] [--out results/codec/x265_knobs.md]
+    python scripts/encoder_knobs.py [--layers 10] [--targets 2.5 4.0] [--out results/codec/encoder_knobs.md]
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from common import default_out, smollm2_state  # scripts/common.py
 
 from vc_quant import decode_tensor, encode_tensor
-from vc_quant.testing import smollm2_checkpoint
 
 SETTINGS = [  # (label, codec, preset, encoder_params)
     ("superfast, no RDOQ", "hevc", "superfast", ""),
@@ -43,9 +42,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[10])
     ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 4.0])
     ap.add_argument("--only", nargs="*", default=[], help="run only settings whose label contains one of these")
-    ap.add_argument("--out", default="results/codec/x265_knobs.md")
+    ap.add_argument("--out", default=default_out("codec/encoder_knobs.md"),
+                    help="markdown file (committed: results/codec/encoder_knobs.md)")
     args = ap.parse_args()
-    state = load_file(str(smollm2_checkpoint() / "model.safetensors"))
+    state = smollm2_state()
     mats = {f"layers.{i}.{m}": state[f"model.layers.{i}.{m}.weight"] for i in args.layers for m in MATRICES}
     lines = [
         f"Matrices: SmolLM2-135M {sorted(mats)}; full codec (rotation, rate control); pooled over matrices.",
