@@ -12,6 +12,11 @@ table, JSON and a PNG plot (perplexity vs all-in bits per weight).
 RTN baselines: asymmetric, fp16 scale + fp16 min per group counted in bpw;
 4-bit g32 without rotation reproduces the Q4_1 grid SmolLM2 was shipped in
 (zero error) — it is run, flagged, and never used as a baseline.
+
+HQQ baselines (the best calibration-free peer; ``bash scripts/setup_bench.sh`` installs
+the ``hqq`` package): its own half-quadratic optimiser of scale and zero per group
+(``Quantizer.quantize(..., optimize=True, round_zero=True, axis=1)``), its own storage
+accounting: nbits + fp16 scale + fp16 zero per group (4-bit g64 = 4.5 bpw).
 """
 
 from __future__ import annotations
@@ -80,7 +85,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--text", default="wiki-offline", choices=["wiki-offline", "wikitext2"])
     ap.add_argument("--piqa-limit", type=int, default=500, help="PIQA questions (0: skip PIQA)")
-    ap.add_argument("--only", choices=["fp", "rtn", "vc"], nargs="*", default=["fp", "rtn", "vc"])
+    ap.add_argument("--hqq", nargs="*", default=["4:64", "4:128", "3:64"], metavar="BITS:GROUP",
+                    help="HQQ baselines (nbits:group_size)")
+    ap.add_argument("--only", choices=["fp", "rtn", "hqq", "vc"], nargs="*", default=["fp", "rtn", "hqq", "vc"])
     ap.add_argument("--out", default=default_out("rd_sweep"), help="results folder (committed: results/rd_sweep)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -127,6 +134,20 @@ def main() -> None:
         with torch.no_grad():
             for n, m in linears.items():
                 m.weight.copy_(original[n])
+    if "hqq" in args.only:
+        for spec in args.hqq:
+            bits, group = (int(v) for v in spec.split(":"))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for n, m in linears.items():
+                    m.weight.copy_(hqq_quantize(original[n], bits, group))
+            q_s = time.perf_counter() - t0
+            bpw = bits + 32.0 / group  # fp16 scale + fp16 zero per group (every matrix here divides evenly)
+            record({"method": f"HQQ {bits}b g{group}", "family": "hqq", "bpw": bpw, "quantize_seconds": q_s,
+                    **evaluate(base)})  # fmt: skip
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(original[n])
     del base
     if "vc" in args.only:
         for allocation in args.vc_allocation:
@@ -153,6 +174,21 @@ def main() -> None:
     print((out / "rd_sweep.md").read_text())
 
 
+def hqq_quantize(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """HQQ quantize + dequantize on the CPU (pure-torch path of the hqq package)."""
+    import os
+
+    os.environ.setdefault("DISABLE_CUDA", "1")
+    from hqq.core.quantize import Quantizer
+
+    if w.shape[-1] % group:
+        raise SystemExit(f"HQQ g{group}: {tuple(w.shape)} does not divide into groups")
+    wq, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, optimize=True, round_zero=True, axis=1,
+                                  bitpack=False, device="cpu")  # fmt: skip
+    meta["compute_dtype"] = torch.float32
+    return Quantizer.dequantize(wq, meta).reshape(w.shape).to(w.dtype)
+
+
 def _parse_set(item: str) -> tuple[str, object]:
     key, sep, value = item.partition("=")
     if not sep:
@@ -165,14 +201,14 @@ def _parse_set(item: str) -> tuple[str, object]:
 
 def write_markdown(rows: list[dict], path: Path, args, src: str) -> None:
     lines = [
-        f"Model: `{src}`; all decoder linear weights quantized; text: {args.text}, "
+        f"Model: `{Path(src).name}`; all decoder linear weights quantized; text: {args.text}, "
         f"{args.windows} windows x {args.seqlen} tokens (BOS first); PIQA: first {args.piqa_limit} of the "
         "validation split (lm-eval, offline copy).",
         "",
         "| method | all-in bpw | perplexity | PIQA acc | quantize s | eval s |",
         "|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: ({"fp": 0, "rtn": 1, "vc": 2}[r["family"]], -r["bpw"])):
+    for r in sorted(rows, key=lambda r: ({"fp": 0, "rtn": 1, "hqq": 2, "vc": 3}[r["family"]], -r["bpw"])):
         piqa = f"{r['piqa_acc']:.3f}" if "piqa_acc" in r else "-"
         lines.append(f"| {r['method']} | {r['bpw']:.3f} | {r['ppl']:.2f} | {piqa} | "
                      f"{r['quantize_seconds']:.1f} | {r['eval_seconds']:.1f} |")  # fmt: skip
@@ -192,6 +228,8 @@ def plot(rows: list[dict], path: Path) -> None:
             continue
         if r["family"] == "vc":
             key = f"vc_quant ({r.get('variant', r.get('allocation', 'uniform'))})"
+        elif r["family"] == "hqq":
+            key = "HQQ"
         else:
             key = "RTN" + (" +rot" if r.get("rotation") else "")
         series.setdefault(key, []).append((r["bpw"], r["ppl"]))

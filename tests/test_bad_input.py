@@ -117,7 +117,7 @@ def test_bad_codec_options_are_refused_before_any_encode(options, match):
         ({"encoder_params": "csv=/any/path"}, "'csv' is not an allowed"),
         ({"encoder_params": "analysis-save=/tmp/a"}, "'analysis-save' is not an allowed"),
         ({"encoder_params": "frobnicate=1"}, "'frobnicate' is not an allowed"),
-        ({"codec": "av1", "decode_backend": "nvdec"}, "NVDEC path decodes"),
+        ({"codec": "h264", "decode_backend": "nvdec"}, "NVDEC path decodes"),
         ({"resident": "fp4"}, "resident='fp4'"),
         ({"prefetch": -1}, "prefetch=-1"),
         ({"min_numel": 1.5}, "min_numel=1.5"),

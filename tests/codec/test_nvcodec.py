@@ -2,8 +2,10 @@
 
 CPU-side checks always run. ``gpu`` tests need CUDA + NVDEC + PyNvVideoCodec and
 skip with the reason without them; ``VC_QUANT_REQUIRE_GPU=1`` turns the skip into
-a failure (for runs on a GPU machine). HEVC decoding is normative, so NVDEC frames
-must equal FFmpeg's bit for bit on every stream our encoder writes.
+a failure (for runs on a GPU machine). HEVC and AV1 decoding are normative, so NVDEC
+frames must equal the CPU decoder's (FFmpeg's HEVC, dav1d) bit for bit on every stream
+our encoder writes. The AV1 tests have not run on a GPU yet (the "auto" policy keeps AV1
+on the CPU until they have).
 
 Real weights: SmolLM2's first decoder layer when the offline asset is installed,
 else the safetensors file named by ``VC_QUANT_REAL_WEIGHTS`` (written by
@@ -34,7 +36,8 @@ def test_status_never_raises_and_says_why():
 
 
 def test_unusable_nvdec_raises_with_the_reason(monkeypatch, gaussian):
-    monkeypatch.setattr(nvcodec, "nvdec_status", lambda: nvcodec.NvdecStatus(False, "no NVDEC in this test"))
+    unusable = nvcodec.NvdecStatus(False, "no NVDEC in this test")
+    monkeypatch.setattr(nvcodec, "nvdec_status", lambda codec="hevc": unusable)
     enc = encode_tensor(gaussian(64, 64), 4.0)
     with pytest.raises(VcBackendUnavailableError, match="no NVDEC in this test"):
         nvcodec.decode_tensor_nvdec(enc, device="cuda")
@@ -82,11 +85,12 @@ def _assert_frames_identical(enc, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("codec", ["hevc", "av1"])
 @pytest.mark.parametrize("bits", [2.0, 2.5, 4.0, 6.0])
-def test_frames_bit_identical_to_ffmpeg_on_real_weights(real_matrices, bits):
+def test_frames_bit_identical_to_the_cpu_decoder_on_real_weights(real_matrices, bits, codec):
     assert len(real_matrices) >= 7
     for name, w in real_matrices.items():
-        _assert_frames_identical(encode_tensor(w, bits, name=name), f"{name}@{bits}")
+        _assert_frames_identical(encode_tensor(w, bits, name=name, codec=codec), f"{name}@{bits} {codec}")
 
 
 @pytest.mark.gpu
@@ -102,10 +106,13 @@ def test_frames_bit_identical_to_ffmpeg_on_real_weights(real_matrices, bits):
         ((256, 256), {"qp": 22, "preset": "slow"}),  # other encoder tools
     ],
 )
-def test_frames_bit_identical_across_layouts_and_qps(nvdec, gaussian, shape, options):
+@pytest.mark.parametrize("codec", ["hevc", "av1"])
+def test_frames_bit_identical_across_layouts_and_qps(nvdec, gaussian, shape, options, codec):
     rows = shape[0] if len(shape) > 1 else 1
     t = gaussian(rows, shape[-1]).reshape(shape)
-    _assert_frames_identical(encode_tensor(t, None, **options), f"{shape}{options}")
+    if codec == "av1":  # AV1's qp runs 1..63: the same extremes
+        options = {**options, "qp": {0: 1, 51: 63}.get(options["qp"], options["qp"])}
+    _assert_frames_identical(encode_tensor(t, None, codec=codec, **options), f"{shape}{options} {codec}")
 
 
 @pytest.mark.gpu

@@ -9,8 +9,9 @@
   NVDEC was wanted but could not run, why.
 
 Backend policy (:func:`choose_backend`): ``"auto"`` decodes on NVDEC when the target
-is a CUDA device and NVDEC can decode the record's codec there, else with FFmpeg /
-dav1d on the CPU; ``"cpu"`` always uses the CPU; ``"nvdec"`` fails if NVDEC cannot run.
+is a CUDA device and NVDEC can decode the record's codec there (codecs verified on a GPU:
+HEVC), else with FFmpeg / dav1d on the CPU; ``"cpu"`` always uses the CPU; ``"nvdec"``
+fails if NVDEC cannot run (and is how the AV1 NVDEC path is opted into).
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def choose_backend(device: torch.device | str, codec: str, requested: str = "aut
         if requested == "nvdec":
             raise VcBackendUnavailableError(f"decode_backend='nvdec' decodes to CUDA devices, not {device}")
         return "cpu", None
-    from vc_quant.codec.backends.nvcodec import NVDEC_CODECS, nvdec_status
+    from vc_quant.codec.backends.nvcodec import NVDEC_CODECS, NVDEC_VERIFIED, nvdec_status
 
     if codec not in NVDEC_CODECS:
         reason = f"the NVDEC path decodes {NVDEC_CODECS} streams, not {codec!r}"
+    elif requested == "auto" and codec not in NVDEC_VERIFIED:
+        reason = f"{codec} on NVDEC has not been verified on a GPU yet; decode_backend='nvdec' opts in"
     else:
-        status = nvdec_status()
+        status = nvdec_status(codec)
         if status:
             return "nvdec", None
         reason = status.reason

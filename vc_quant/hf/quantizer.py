@@ -113,7 +113,7 @@ class VcHfQuantizer(HfQuantizer):
                 "stored dense; load with VcQuantizationConfig(resident='dense')"
             )
         if self.quantization_config.decode_backend == "nvdec":
-            status = nvdec_status()
+            status = nvdec_status(self.quantization_config.codec)
             if not status:
                 raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {status.reason}")
 

@@ -37,14 +37,18 @@ ENV_SESSIONS = "VC_QUANT_NVDEC_SESSIONS"
 _DEFAULT_MAX_SIDE = 2048  # the default tile: NVDEC surfaces of a session are sized for it
 
 
-# Codecs the NVDEC path is built and tested for (bit-identical to FFmpeg on an H100).
-# AV1 decodes on NVDEC in hardware too, but that path has not been run on a GPU yet.
-NVDEC_CODECS = ("hevc",)
+# Codecs the NVDEC path decodes: our codec name -> PyNvVideoCodec's cudaVideoCodec member.
+_NV_CODECS = {"hevc": "HEVC", "av1": "AV1"}
+NVDEC_CODECS = tuple(_NV_CODECS)
+# Codecs "auto" sends to NVDEC: verified bit-identical to the CPU decoder on a GPU (HEVC:
+# H100, every layout). The AV1 path is built the same way and has the same GPU tests, but
+# has not run on a GPU yet: it is used only when asked for (decode_backend="nvdec").
+NVDEC_VERIFIED = ("hevc",)
 
 
 @dataclass(frozen=True)
 class NvdecStatus:
-    """Whether NVDEC HEVC decoding can run here, and why not when it cannot."""
+    """Whether NVDEC can decode a codec here, and why not when it cannot."""
 
     usable: bool
     reason: str
@@ -66,9 +70,11 @@ def _load_pynvvideocodec():
     return nvc
 
 
-@lru_cache(maxsize=1)
-def nvdec_status() -> NvdecStatus:
-    """Check, once per process, every layer NVDEC needs; never raises."""
+@lru_cache(maxsize=4)
+def nvdec_status(codec: str = "hevc") -> NvdecStatus:
+    """Check, once per process and codec, every layer NVDEC needs; never raises."""
+    if codec not in _NV_CODECS:
+        return NvdecStatus(False, f"the NVDEC path decodes {NVDEC_CODECS}, not {codec!r}")
     if not torch.cuda.is_available():
         return NvdecStatus(False, "no CUDA device visible to torch")
     if importlib.util.find_spec("PyNvVideoCodec") is None:
@@ -90,16 +96,17 @@ def nvdec_status() -> NvdecStatus:
         # cudaVideoChromaFormat's 4:2:0 member is named "420" (not an identifier)
         chroma420 = getattr(nvc.cudaVideoChromaFormat, "420")
         caps = nvc.GetDecoderCaps(
-            gpuid=torch.cuda.current_device(), codec=nvc.cudaVideoCodec.HEVC, chromaformat=chroma420, bitdepth=8
-        )
+            gpuid=torch.cuda.current_device(), codec=getattr(nvc.cudaVideoCodec, _NV_CODECS[codec]),
+            chromaformat=chroma420, bitdepth=8,
+        )  # fmt: skip
     except Exception as exc:
         return NvdecStatus(False, f"GetDecoderCaps failed: {exc}", library_version=version)
     # e.g. {'supported': 1, 'num_decoder_engines': 7, 'width_max': 8192, 'height_max': 8192, ...}
     if not caps.get("supported"):
-        return NvdecStatus(False, "this GPU has no HEVC 8-bit 4:2:0 decoder", library_version=version)
+        return NvdecStatus(False, f"this GPU has no {codec.upper()} 8-bit 4:2:0 decoder", library_version=version)
     max_w, max_h = int(caps.get("width_max", 0)), int(caps.get("height_max", 0))
     if min(max_w, max_h) < _DEFAULT_MAX_SIDE:
-        return NvdecStatus(False, f"NVDEC max HEVC picture {max_w}x{max_h} is below 2048x2048")
+        return NvdecStatus(False, f"NVDEC max {codec.upper()} picture {max_w}x{max_h} is below 2048x2048")
     engines = caps.get("num_decoder_engines")
     return NvdecStatus(
         True, "ok", engines=int(engines) if engines else None, max_width=max_w, max_height=max_h,
@@ -132,7 +139,7 @@ def _current_context() -> int:
 class _Session:
     """One NVDEC decoder session bound to one CUDA stream (used by one thread)."""
 
-    def __init__(self, device: torch.device, max_side: int) -> None:
+    def __init__(self, device: torch.device, max_side: int, codec: str = "hevc") -> None:
         nvc = _load_pynvvideocodec()
         self.nvc = nvc
         self.device = device
@@ -143,7 +150,7 @@ class _Session:
         self.stream = torch.cuda.Stream(device)
         self.decoder = nvc.CreateDecoder(
             gpuid=device.index or 0,
-            codec=nvc.cudaVideoCodec.HEVC,
+            codec=getattr(nvc.cudaVideoCodec, _NV_CODECS[codec]),
             cudacontext=_current_context(),
             cudastream=self.stream.cuda_stream,
             usedevicememory=True,
@@ -219,7 +226,7 @@ class _Session:
 _LOCAL = threading.local()
 
 
-def _session(device: torch.device, width: int, height: int) -> _Session:
+def _session(device: torch.device, width: int, height: int, codec: str = "hevc") -> _Session:
     """This thread's session on ``device``, able to hold a ``width × height`` picture.
 
     Sessions reconfigure between picture sizes up to the size they were created for
@@ -229,10 +236,10 @@ def _session(device: torch.device, width: int, height: int) -> _Session:
     sessions = getattr(_LOCAL, "sessions", None)
     if sessions is None:
         sessions = _LOCAL.sessions = {}
-    key = device.index or 0
+    key = (device.index or 0, codec)
     need = max(width, height)
     if key not in sessions or sessions[key].max_side < need:
-        sessions[key] = _Session(device, _DEFAULT_MAX_SIDE if need <= _DEFAULT_MAX_SIDE else fr.MAX_SIDE)
+        sessions[key] = _Session(device, _DEFAULT_MAX_SIDE if need <= _DEFAULT_MAX_SIDE else fr.MAX_SIDE, codec)
     return sessions[key]
 
 
@@ -243,19 +250,20 @@ def _cuda_device(device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _require_nvdec() -> None:
-    status = nvdec_status()
+def _require_nvdec(codec: str) -> None:
+    status = nvdec_status(codec)
     if not status:
         raise VcBackendUnavailableError(f"NVDEC cannot run here: {status.reason}")
 
 
 def _decode_canvas(enc: EncodedTensor, device, name: str) -> tuple[torch.Tensor, fr.FrameLayout, _Session]:
     """Checks, then this thread's session decodes ``enc``'s canvas (queued on its stream)."""
-    _require_nvdec()
-    if enc.meta.get("codec") not in NVDEC_CODECS:
-        raise VcBackendUnavailableError(f"{name}: NVDEC path decodes {NVDEC_CODECS}, not {enc.meta.get('codec')!r}")
+    codec = enc.meta.get("codec")
+    if codec not in NVDEC_CODECS:
+        raise VcBackendUnavailableError(f"{name}: NVDEC path decodes {NVDEC_CODECS}, not {codec!r}")
+    _require_nvdec(codec)
     layout = fr.FrameLayout.from_dict(enc.meta["layout"])
-    session = _session(_cuda_device(device), layout.width, layout.height)
+    session = _session(_cuda_device(device), layout.width, layout.height, codec)
     return session.decode_canvas(enc, layout, name), layout, session
 
 
@@ -263,7 +271,7 @@ def decode_canvas_nvdec(enc: EncodedTensor, device=None, name: str = "tensor") -
     """Every decoded sample of ``enc`` as the ``(n_frames·1.5H, W)`` uint8 canvas on ``device``.
 
     Equal bit for bit to ``frames.frames_to_canvas(decode.decode_frames(enc))``
-    (HEVC decoding is normative). The caller's current stream waits for the decode.
+    (HEVC and AV1 decoding are normative). The caller's current stream waits for the decode.
     """
     canvas, _, session = _decode_canvas(enc, device, name)
     caller = torch.cuda.current_stream(canvas.device)
