@@ -152,7 +152,7 @@ def compress(args, src: Path, work: Path) -> Path:
     dst = work / f"vc{args.bits}"
     if (dst / "config.json").exists():
         return dst
-    config = VcQuantizationConfig(bits=args.bits, allocation="uniform", preset=args.preset)
+    config = VcQuantizationConfig(bits=args.bits, allocation="uniform", scaling="none", preset=args.preset)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(src, quantization_config=config, dtype=torch.float16)
     secs = time.perf_counter() - t0

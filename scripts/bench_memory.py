@@ -57,7 +57,7 @@ CASES = {
     """,
     "quantize on load, uniform (fp32)": """
         from transformers import AutoModelForCausalLM
-        cfg = vc_quant.VcQuantizationConfig(bits=2.5, allocation="uniform")
+        cfg = vc_quant.VcQuantizationConfig(bits=2.5, allocation="uniform", scaling="none")
         m = AutoModelForCausalLM.from_pretrained(SRC, dtype=torch.float32, quantization_config=cfg)
     """,
     "quantize on load, Fisher (bf16)": """
@@ -71,7 +71,8 @@ CASES = {
     """,
     "vc-quant compress --streaming (uniform)": """
         from vc_quant.cli import main
-        assert main(["compress", SRC, DST, "--overwrite", "--streaming", "--allocation", "uniform"]) == 0
+        assert main(["compress", SRC, DST, "--overwrite", "--streaming", "--allocation", "uniform",
+                     "--scaling", "none"]) == 0
     """,
 }
 
@@ -150,7 +151,7 @@ def main() -> None:
     cgroup = memory_cgroup(limit)
     # uniform allocation (a Fisher plan would come from `vc-quant plan`), the default codec (HEVC)
     streaming = ('from vc_quant.cli import main\nassert main(["compress", SRC, DST, "--overwrite", "--streaming", '
-                 '"--allocation", "uniform", "--max-shard-size", "300MB"]) == 0')  # fmt: skip
+                 '"--allocation", "uniform", "--scaling", "none", "--max-shard-size", "300MB"]) == 0')  # fmt: skip
     in_memory = ('from vc_quant.cli import main\nassert main(["compress", SRC, DST, "--overwrite", "--allocation", '
                  '"uniform"]) == 0')  # fmt: skip
     for name, code in (("vc-quant compress --streaming, memory limit", streaming),

@@ -71,7 +71,7 @@ def prepare(model: str, bits: float) -> dict[str, str]:
     if not (vc / "config.json").exists():
         args = ["compress", str(bf16), str(vc), "--bits", str(bits), "--overwrite"]
         if model != "smollm2":
-            args += ["--streaming", "--allocation", "uniform", "--codec", "av1"]
+            args += ["--streaming", "--allocation", "uniform", "--scaling", "none", "--codec", "av1"]
         t0 = time.perf_counter()
         assert vc_cli(args) == 0
         print(f"{model}: compressed in {time.perf_counter() - t0:.0f} s", flush=True)

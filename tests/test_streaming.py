@@ -8,16 +8,16 @@ from transformers import AutoModelForCausalLM
 
 from vc_quant import VcQuantizationConfig
 from vc_quant.cli import main as cli
-from vc_quant.streaming import compress_streaming, quantized_weight_names
+from vc_quant.streaming import compress_streaming, load_plan, quantized_weight_names
 
 
 def test_streaming_writes_the_records_quantize_on_load_writes(tiny_src, tmp_path):
-    config = VcQuantizationConfig(bits=3, allocation="uniform")
+    config = VcQuantizationConfig(bits=3, allocation="uniform", scaling="none")
     stats = compress_streaming(tiny_src, tmp_path / "stream", config, max_shard_bytes=300_000)
     assert stats["tensors"] == 14 and abs(stats["bits_per_weight"] - 3) < 0.03
     assert (tmp_path / "stream" / "model.safetensors.index.json").exists()  # several shards
     model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=VcQuantizationConfig(
-        bits=3, allocation="uniform"))  # fmt: skip
+        bits=3, allocation="uniform", scaling="none"))  # fmt: skip
     model.save_pretrained(tmp_path / "onload")
     onload = load_file(str(tmp_path / "onload" / "model.safetensors"))
     streamed = {}
@@ -38,13 +38,17 @@ def test_streaming_writes_the_records_quantize_on_load_writes(tiny_src, tmp_path
 
 
 def test_plan_then_streaming_compress(tiny_src, tmp_path):
-    plan = tmp_path / "plan.json"
-    assert cli(["plan", str(tiny_src), "-o", str(plan), "--bits", "3"]) == 0
-    bits = json.loads(plan.read_text())
-    assert set(bits) == quantized_weight_names(tiny_src, VcQuantizationConfig(bits=3))
+    """The default quantizer's Fisher bits and column scales, computed once, applied while streaming."""
+    plan_file = tmp_path / "plan.safetensors"
+    assert cli(["plan", str(tiny_src), "-o", str(plan_file), "--bits", "3"]) == 0
+    plan = load_plan(plan_file)
+    assert set(plan) == quantized_weight_names(tiny_src, VcQuantizationConfig(bits=3))
+    assert all(p.col_scale is not None and p.col_scale.dtype == torch.float16 for p in plan.values())
+    bits = {n: p.bits for n, p in plan.items()}
     assert abs(sum(bits.values()) / len(bits) - 3) < 1.0  # Fisher: uneven, around the budget
     dst = tmp_path / "q"
-    assert cli(["compress", str(tiny_src), str(dst), "--streaming", "--plan", str(plan)]) == 0
+    assert cli(["compress", str(tiny_src), str(dst), "--streaming", "--plan", str(plan_file)]) == 0
     per = AutoModelForCausalLM.from_pretrained(dst).vc_quant_report.per_tensor
     for name, b in bits.items():
         assert abs(per[name]["bpw"] - b) < 0.35  # small tensors skip rate control (see the codec tests)
+    assert cli(["compress", str(tiny_src), str(tmp_path / "x"), "--streaming"]) == 2  # Fisher without a plan

@@ -126,7 +126,7 @@ class Checkpoint:
                                      f"of <= {MAX_META_BYTES} bytes")  # fmt: skip
             if bitstream.dtype != "U8" or len(bitstream.shape) != 1:
                 self.problems.append(f"{key}: bitstream entry is {bitstream.dtype} {list(bitstream.shape)}")
-            for suffix in (fmt.COMPANIONS["center"], fmt.COMPANIONS["step"]):
+            for suffix in (fmt.COMPANIONS["center"], fmt.COMPANIONS["step"]):  # the optional col_scale may be absent
                 companion = self.entries.get(key + suffix)
                 if companion is None:
                     self.problems.append(f"{key}: entry {key + suffix} is missing")

@@ -1,7 +1,7 @@
 """``vc-quant``: compress | plan | inspect | verify | lm-eval.
 
 vc-quant compress SRC DST --bits 2.5 [--codec av1] [--allocation uniform] [--config PRESET] [--streaming]
-vc-quant plan SRC -o plan.json --bits 2.5        # Fisher allocation, for --streaming --plan
+vc-quant plan SRC -o plan.safetensors --bits 2.5  # Fisher bits + column scales, for --streaming --plan
 vc-quant inspect DST [--all]
 vc-quant verify DST                              # every tensor, every shard, the config; exit 1 on failure
 vc-quant lm-eval --model hf --model_args pretrained=DST --tasks piqa
@@ -10,7 +10,6 @@ vc-quant lm-eval --model hf --model_args pretrained=DST --tasks piqa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -33,23 +32,10 @@ def _version() -> str:
 def _config_from_args(args: argparse.Namespace):
     from vc_quant.config import VcQuantizationConfig
 
-    changes = {"bits": args.bits, "codec": args.codec, "allocation": args.allocation}
-    if getattr(args, "plan", None):
-        plan = _read_plan(Path(args.plan))
-        changes.update(allocation="uniform", overrides={k.removesuffix(".weight"): v for k, v in plan.items()})
+    changes = {"bits": args.bits, "codec": args.codec, "allocation": args.allocation, "scaling": args.scaling}
     if args.config:
         return VcQuantizationConfig.from_file(args.config, **changes)
     return VcQuantizationConfig(**{k: v for k, v in changes.items() if v is not None})
-
-
-def _read_plan(path: Path) -> dict[str, float]:
-    try:
-        plan = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VcQuantError(f"--plan {path}: cannot read it ({exc})") from exc
-    if not isinstance(plan, dict) or not all(isinstance(v, int | float) for v in plan.values()):
-        raise VcQuantError(f"--plan {path}: expected a JSON object {{weight name: bits}}")
-    return plan
 
 
 def _check_paths(src: str, dst: Path, overwrite: bool) -> None:
@@ -73,11 +59,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     dtype = _DTYPES[args.dtype]
     t0 = time.perf_counter()
+    if args.plan and not args.streaming:
+        raise VcQuantError("--plan is for --streaming (without it, compress runs the Fisher pass itself)")
     if args.streaming:
-        from vc_quant.streaming import compress_streaming
+        from vc_quant.streaming import compress_streaming, load_plan
 
+        plan = load_plan(args.plan) if args.plan else None
         stats = compress_streaming(args.src, dst, config, dtype=None if dtype == "auto" else dtype,
-                                   max_shard_bytes=_parse_size(args.max_shard_size))  # fmt: skip
+                                   max_shard_bytes=_parse_size(args.max_shard_size), plan=plan)  # fmt: skip
         tensors, values, bpw = stats["tensors"], stats["values"], stats["bits_per_weight"]
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -116,13 +105,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from vc_quant.allocation import plan_bits
     from vc_quant.config import VcQuantizationConfig
-    from vc_quant.streaming import quantized_weight_names
+    from vc_quant.streaming import quantized_weight_names, save_plan
 
     config = VcQuantizationConfig(bits=args.bits)
     names = sorted(quantized_weight_names(Path(args.src), config))
     model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
-    plan = plan_bits(model, names, config.bits, "fisher")
-    Path(args.output).write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    plan = plan_bits(model, names, config.bits, config.allocation, config.scaling)
+    save_plan(plan, args.output)
     print(f"plan for {len(plan)} weights at {config.bits} bits/weight on average -> {args.output}")
     return 0
 
@@ -211,18 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=float, default=None, help="all-in bits per weight (default 2.5 or the preset's)")
     c.add_argument("--codec", choices=["hevc", "av1", "h264"], default=None)
     c.add_argument("--allocation", choices=["fisher", "uniform"], default=None)
+    c.add_argument("--scaling", choices=["fisher", "none"], default=None, help="Fisher input-column scaling")
     c.add_argument("--config", help="preset file (configs/*.json|yaml)")
     c.add_argument("--dtype", default="auto", choices=sorted(_DTYPES), help="dtype of unquantized parts")
     c.add_argument("--max-shard-size", default="5GB")
     c.add_argument(
         "--streaming",
         action="store_true",
-        help="shard by shard from safetensors, bounded memory (uniform allocation or --plan)",
+        help="shard by shard from safetensors, bounded memory (uniform, no scaling, or --plan)",
     )
-    c.add_argument("--plan", help="JSON {weight: bits} from `vc-quant plan` (with --streaming)")
+    c.add_argument("--plan", help="bits and column scales from `vc-quant plan` (with --streaming)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=cmd_compress)
-    p = sub.add_parser("plan", help="Fisher bit allocation of SRC as JSON (for compress --streaming --plan)")
+    p = sub.add_parser("plan", help="Fisher bits + column scales of SRC (for compress --streaming --plan)")
     p.add_argument("src")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--bits", type=float, default=2.5)

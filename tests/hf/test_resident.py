@@ -90,7 +90,7 @@ def test_bitstream_mode_holds_only_the_compressed_bytes_and_a_window(tiny_quanti
 def test_quantize_on_load_in_each_mode(tiny_src):
     outs = {}
     for resident in MODES:
-        config = VcQuantizationConfig(bits=3, allocation="uniform", resident=resident)
+        config = VcQuantizationConfig(bits=3, allocation="uniform", scaling="none", resident=resident)
         model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=config)
         assert {m.resident for m in vc_modules(model)} == {resident}
         with torch.no_grad():

@@ -65,14 +65,14 @@ def test_interrupted_resave_is_refused_on_load_and_by_verify(tiny_src, tmp_path)
     """A save killed after its first shard, into a folder holding an older checkpoint with the same shards."""
     folder = tmp_path / "ckpt"
     old = AutoModelForCausalLM.from_pretrained(
-        tiny_src, quantization_config=VcQuantizationConfig(bits=3, allocation="uniform"))  # fmt: skip
+        tiny_src, quantization_config=VcQuantizationConfig(bits=3, allocation="uniform", scaling="none"))  # fmt: skip
     old.save_pretrained(folder, max_shard_size="400KB")
     assert len(list(folder.glob("*.safetensors"))) > 1
     code = textwrap.dedent(f"""
         import os, torch, vc_quant, transformers.modeling_utils as mu
         from transformers import AutoModelForCausalLM
         m = AutoModelForCausalLM.from_pretrained({str(tiny_src)!r},
-            quantization_config=vc_quant.VcQuantizationConfig(bits=3, seed=1, allocation="uniform"))
+            quantization_config=vc_quant.VcQuantizationConfig(bits=3, seed=1, allocation="uniform", scaling="none"))
         real = mu.safe_save_file
         def first_then_die(*args, **kwargs):
             real(*args, **kwargs)

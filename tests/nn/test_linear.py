@@ -92,3 +92,17 @@ def test_unknown_residency_names_the_valid_ones():
 def test_repr_shows_residency_and_rate():
     module, _enc = make("int8")
     assert "resident=int8" in repr(module) and "bits=3.0" in repr(module)
+
+
+@pytest.mark.parametrize("resident", ["int8", "bitstream"])
+def test_column_scaled_records_compute_like_their_dense_decode(resident):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(384, 576, generator=g) * 0.02
+    enc = encode_tensor(w, 3.0, col_scale=torch.rand(576, generator=g) * 4 + 0.25)
+    module = VcLinear(576, 384, bias=False, resident=resident)
+    module.set_resident_weight(enc, InMemoryRecord(enc))
+    dense = decode_tensor(enc)
+    assert torch.equal(module.dequantize_weight(torch.float32), dense)
+    x = torch.randn(5, 576, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(module(x), x @ dense.T, atol=1e-5)

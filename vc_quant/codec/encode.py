@@ -72,6 +72,7 @@ class _Prepared:
     meta: dict
     backend: VideoBackend
     settings: EncoderSettings
+    col_scale: torch.Tensor | None = None  # fp16 (cols,), stored with the record
 
 
 def _encode_at(p: _Prepared, x: torch.Tensor, layout: fr.FrameLayout, qp: int, center, step) -> list[bytes]:
@@ -88,16 +89,20 @@ def _encode_full(p: _Prepared, qp: int, amplitude: float) -> EncodedTensor:
 def _record(p: _Prepared, packets: list[bytes], center, step, qp: int) -> EncodedTensor:
     bitstream = torch.frombuffer(bytearray(b"".join(packets)), dtype=torch.uint8)
     meta = dict(p.meta, frame_bytes=[len(b) for b in packets], qp=qp)
-    enc = EncodedTensor(bitstream, center, step, meta)
+    enc = EncodedTensor(bitstream, center, step, meta, col_scale=p.col_scale)
     enc.meta["crc32"] = checksum(enc)
     return enc
 
 
-def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", **options) -> EncodedTensor:
+def encode_tensor(
+    t: torch.Tensor, bits: float | None, *, name: str = "tensor", col_scale: torch.Tensor | None = None, **options
+) -> EncodedTensor:
     """Compress ``t`` to about ``bits`` all-in bits per value (see :class:`CodecOptions`).
 
-    ``bits=None`` requires ``qp=`` (fixed quantiser, no rate control). The result is
-    deterministic for the same input, bits and options.
+    ``bits=None`` requires ``qp=`` (fixed quantiser, no rate control). ``col_scale``
+    (a 2-D+ tensor's last dimension, > 0; stored as fp16 and counted in the rate) multiplies
+    the columns before encoding; decoding divides them out. The result is deterministic for
+    the same input, bits and options.
     """
     opts = CodecOptions.from_kwargs(**options)
     if bits is None and opts.qp is None:
@@ -107,6 +112,11 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
     dtype_name = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else "?"
     mat = _as_matrix(t, name)
     rows, cols = mat.shape
+    if col_scale is not None:
+        col_scale = col_scale.detach().to("cpu", torch.float16)
+        if t.dim() < 2 or tuple(col_scale.shape) != (cols,) or not bool((col_scale > 0).all()):
+            raise VcInputError(f"{name}: col_scale must hold {cols} positive values for a 2-D+ tensor")
+        mat = mat * col_scale.float()[None, :]
     rotate = opts.rotation and tf.can_rotate(cols)
     x = tf.rotate_exact(mat, opts.seed) if rotate else mat
     backend = get_backend(opts.codec)
@@ -123,13 +133,15 @@ def encode_tensor(t: torch.Tensor, bits: float | None, *, name: str = "tensor", 
         "rotation_seed": opts.seed if rotate else None,
         "scale": opts.scale,
     }
+    if col_scale is not None:
+        meta["col_scale"] = True
     settings = EncoderSettings(
         preset=opts.preset,
         threads=opts.threads,
         chroma_qp_match=opts.chroma_qp_match,
         extra_params=backend.default_params if opts.encoder_params is None else opts.encoder_params,
     )
-    p = _Prepared(x, opts.scale == "row", layout, meta, backend, settings)
+    p = _Prepared(x, opts.scale == "row", layout, meta, backend, settings, col_scale)
 
     if opts.qp is not None:
         enc = _encode_full(p, opts.qp, 1.0)

@@ -1,5 +1,10 @@
 """The EncodedTensor record: bitstream + affine pixel map + metadata, its checksum and its checks.
 
+An optional ``col_scale`` (one fp16 factor per input column, > 0) multiplies the
+columns before the rotation and divides them after decoding: the codec's error, white in
+the scaled domain, lands less on the columns whose errors cost the loss more
+(:mod:`vc_quant.allocation`).
+
 A record is untrusted input when it comes from a file: :meth:`EncodedTensor.verify`
 checks, before a single sample is decoded, that the metadata is well formed, that
 the frame layout is exactly the one the encoder plans for the tensor's shape and
@@ -63,6 +68,7 @@ class EncodedTensor:
     meta: dict = field(default_factory=dict)
     #: encoder-side facts (not stored): number of full encodes, amplitude, …
     stats: dict = field(default_factory=dict, repr=False, compare=False)
+    col_scale: torch.Tensor | None = None  # float16 (cols,): columns were multiplied by it before encoding
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -88,7 +94,10 @@ class EncodedTensor:
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         meta = torch.frombuffer(bytearray(dump_meta(self.meta)), dtype=torch.uint8)
-        return {"bitstream": self.bitstream, "center": self.center, "step": self.step, "meta": meta}
+        out = {"bitstream": self.bitstream, "center": self.center, "step": self.step, "meta": meta}
+        if self.col_scale is not None:
+            out["col_scale"] = self.col_scale
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor], name: str = "tensor", verify: bool = True) -> EncodedTensor:
@@ -105,7 +114,7 @@ class EncodedTensor:
             raise VcCorruptDataError(f"{name}: metadata is not valid JSON ({exc})") from exc
         if not isinstance(meta, dict):
             raise VcCorruptDataError(f"{name}: metadata is not a JSON object")
-        enc = cls(d["bitstream"], d["center"], d["step"], meta)
+        enc = cls(d["bitstream"], d["center"], d["step"], meta, col_scale=d.get("col_scale"))
         if verify:
             enc.verify(name)
         return enc
@@ -178,6 +187,14 @@ class EncodedTensor:
         for label, t in (("center", self.center), ("step", self.step)):
             if (tuple(t.shape), t.dtype) != want:
                 raise VcCorruptDataError(f"{name}: {label} is {tuple(t.shape)} {t.dtype}, expected {want[0]} {want[1]}")
+        if bool(meta.get("col_scale")) != (self.col_scale is not None):
+            raise VcCorruptDataError(f"{name}: the metadata and the stored entries disagree on a column scale")
+        cs = self.col_scale
+        if cs is not None and (
+            cs.dtype != torch.float16 or tuple(cs.shape) != (cols,) or len(shape) < 2 or not bool((cs > 0).all())
+            or not bool(torch.isfinite(cs).all())
+        ):  # fmt: skip
+            raise VcCorruptDataError(f"{name}: column scale is not {cols} positive finite fp16 values")
 
     def dequantize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decoded uint8 ``(rows, cols)`` matrix → the tensor (on the pixels' device)."""
@@ -185,6 +202,8 @@ class EncodedTensor:
         x = tf.from_pixels(pixels, self.center, self.step, torch.float32)
         if meta["rotation_seed"] is not None:
             x = tf.unrotate(x, meta["rotation_seed"])
+        if self.col_scale is not None:
+            x = x / self.col_scale.to(x.device, torch.float32)
         out_dtype = dtype or FLOAT_DTYPES.get(meta["dtype"], torch.float32)
         n = math.prod(meta["shape"])
         return x.reshape(-1)[:n].reshape(meta["shape"]).to(out_dtype)
@@ -211,7 +230,8 @@ def dump_meta(meta: dict) -> bytes:
 def checksum(enc: EncodedTensor) -> int:
     """CRC32 over bitstream, centre, step and the metadata (its own ``crc32`` field excluded)."""
     crc = 0
-    for t in (enc.bitstream, enc.center, enc.step):
-        crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)  # no copy
+    for t in (enc.bitstream, enc.center, enc.step, enc.col_scale):
+        if t is not None:
+            crc = zlib.crc32(t.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)  # no copy
     meta = {k: v for k, v in enc.meta.items() if k != "crc32"}
     return zlib.crc32(dump_meta(meta), crc)

@@ -197,22 +197,26 @@ class VcHfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return VcQuantize(self)
 
-    def submit_encode(self, model, param_name: str, tensor: torch.Tensor, bits: float | None = None) -> None:
+    def submit_encode(
+        self, model, param_name: str, tensor: torch.Tensor, bits: float | None = None,
+        col_scale: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
         """Queue one encode; the worker pool keeps all cores busy while loading goes on.
 
-        With a model-wide allocation the encode waits until the whole model is loaded
-        (the allocation needs it); tensors with an override go at once.
+        With the Fisher pass (model-wide allocation or column scales) the encode waits until
+        the whole model is loaded (the pass needs it); tensors with an override go at once.
         """
         config = self.quantization_config
         module_name = param_name.rpartition(".")[0]
         if bits is None:
-            if config.allocation != "uniform" and config.override_for(module_name) is None:
+            if config.uses_fisher() and config.override_for(module_name) is None:
                 self._deferred.append(param_name)
                 return
             bits = config.bits_for(module_name)
         self._jobs[param_name] = self._executor().submit(
-            encode_tensor, tensor.detach().to("cpu"), bits, name=param_name, **config.codec_kwargs()
-        )
+            encode_tensor, tensor.detach().to("cpu"), bits, name=param_name, col_scale=col_scale,
+            **config.codec_kwargs(),
+        )  # fmt: skip
 
     def _finish_encodes(self, model) -> None:
         resident = self.quantization_config.resident
@@ -330,9 +334,10 @@ class VcHfQuantizer(HfQuantizer):
                 extra = {}
                 if config.calibration:
                     extra["sequences"] = calibration_sequences(model, config.calibration)
-                plan = plan_bits(model, self._deferred, config.bits, config.allocation, **extra)
-                for name, bits in plan.items():
-                    self.submit_encode(model, name, model.get_parameter(name), bits=bits)
+                plan = plan_bits(model, self._deferred, config.bits, config.allocation, config.scaling, **extra)
+                for name, item in plan.items():
+                    self.submit_encode(model, name, model.get_parameter(name), bits=item.bits,
+                                       col_scale=item.col_scale)  # fmt: skip
                 self._deferred = []
             self._finish_encodes(model)
         else:

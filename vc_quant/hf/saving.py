@@ -20,10 +20,11 @@ _CARD_MARK = "<!-- written by vc_quant -->"
 
 
 def reencode_options(config: VcQuantizationConfig, old: EncodedTensor | None, module) -> tuple[float, dict[str, Any]]:
-    """Bits and codec options to re-encode a changed weight like its stored record."""
+    """Bits and codec options (column scales included) to re-encode a changed weight like its stored record."""
     options = config.codec_kwargs()
     if old is None:
         return float(config.bits), options
+    options["col_scale"] = old.col_scale
     meta = old.meta
     options.update(codec=meta["codec"], scale=meta["scale"], rotation=meta["rotation_seed"] is not None)
     if meta["rotation_seed"] is not None:

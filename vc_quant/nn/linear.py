@@ -73,6 +73,7 @@ class VcLinear(nn.Linear):
         # loading); _affine() caches them per device.
         self.weight_center: torch.Tensor | None = None
         self.weight_step: torch.Tensor | None = None
+        self.col_scale: torch.Tensor | None = None  # input-column scales of the record (fp16), if any
         self._affine_cache: dict[torch.device, tuple] = {}
         self.meta: dict | None = None  # the record's metadata (rotation seed, scale, layout, …)
         self.source: RecordSource | None = None  # where the stored record lives (for saving)
@@ -103,16 +104,20 @@ class VcLinear(nn.Linear):
         self.meta = enc.meta
         self.source = source
         self.weight_center, self.weight_step = enc.center.detach().cpu().clone(), enc.step.detach().cpu().clone()
+        self.col_scale = enc.col_scale.detach().cpu().clone() if enc.col_scale is not None else None
         self._affine_cache = {}
 
     def _affine(self, device: torch.device) -> tuple:
-        """``(center, step)`` on ``device``: Python floats per tensor (no copies), vectors per row."""
+        """``(center, step, 1/col_scale)`` on ``device``: Python floats for a per-tensor map (no
+        copies), vectors per row; the inverse column scale (float32) or None."""
         if device not in self._affine_cache:
             c, s = self.weight_center, self.weight_step
             if c.numel() == 1:
-                self._affine_cache[device] = (float(c), float(s))
+                c, s = float(c), float(s)
             else:
-                self._affine_cache[device] = (c.reshape(-1).float().to(device), s.reshape(-1).float().to(device))
+                c, s = c.reshape(-1).float().to(device), s.reshape(-1).float().to(device)
+            inv = (1.0 / self.col_scale.float()).to(device) if self.col_scale is not None else None
+            self._affine_cache[device] = (c, s, inv)
         return self._affine_cache[device]
 
     def set_resident_weight(self, enc: EncodedTensor, source: RecordSource, device=None) -> None:
@@ -176,12 +181,14 @@ class VcLinear(nn.Linear):
         if self.resident == "dense":
             return self.weight.to(dtype)
         samples = self.weight if self.resident == "int8" else self._decode_samples()
-        center, step = self._affine(samples.device)
+        center, step, inv_scale = self._affine(samples.device)
         if not isinstance(step, float):
             center, step = center[:, None], step[:, None]
         x = samples.to(torch.float32) * step + center
         if self.meta["rotation_seed"] is not None:
             x = tf.unrotate(x, self.meta["rotation_seed"])
+        if inv_scale is not None:
+            x = x / self.col_scale.float().to(x.device)  # the decoder's exact operation (not * inv)
         return x.to(dtype)
 
     def _decode_samples(self) -> torch.Tensor:
@@ -199,8 +206,8 @@ class VcLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         samples = self._samples()
         try:
-            center, step = self._affine(samples.device)
-            return int8_linear(x, samples, center, step, self.meta["rotation_seed"], self.bias)
+            center, step, inv_scale = self._affine(samples.device)
+            return int8_linear(x, samples, center, step, self.meta["rotation_seed"], self.bias, inv_scale)
         finally:
             if self.window is not None:
                 self.window.release(self)
@@ -240,18 +247,20 @@ def fingerprint(t: torch.Tensor) -> int:
 
 def int8_linear(
     x: torch.Tensor, samples: torch.Tensor, center: torch.Tensor | float, step: torch.Tensor | float,
-    seed: int | None, bias: torch.Tensor | None,
+    seed: int | None, bias: torch.Tensor | None, inv_col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """``x @ Wᵀ + bias`` for ``W = unrotate(center + step·samples)`` without building ``W``.
+    """``x @ Wᵀ + bias`` for ``W = unrotate(center + step·samples)·diag(inv_col_scale)`` without building ``W``.
 
-    ``center``/``step``: floats (one map per tensor) or ``(out,)`` vectors (one per row).
+    ``center``/``step``: floats (one map per tensor) or ``(out,)`` vectors (one per row);
+    ``inv_col_scale``: the record's inverse input-column scales (they move to the activations).
     The rotation runs on the activations in float32; the matmul runs on the int8 samples
     (torch's int8 weight-only kernel for a few bf16 tokens on the CPU, else the samples cast
     to the activation dtype, scaled per output channel after the product).
     """
     dtype = x.dtype
     lead = x.shape[:-1]
-    xr = (tf.rotate(x.float(), seed) if seed is not None else x.float()).reshape(-1, x.shape[-1])
+    xf = x.float() if inv_col_scale is None else x.float() * inv_col_scale
+    xr = (tf.rotate(xf, seed) if seed is not None else xf).reshape(-1, x.shape[-1])
     xd = xr.to(dtype)
     step_v = step.to(dtype) if isinstance(step, torch.Tensor) else step
     if dtype == torch.float16:
