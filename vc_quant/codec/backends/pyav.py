@@ -199,6 +199,7 @@ class Av1Backend(_PyAVBackend):
 
     name, encoder, decoder = "av1", "libsvtav1", "libdav1d"
     qp_min, qp_max = 1, 63
+    allowed_params = {"enable-dlf": "[0-2]", "tune": "[0-2]", "enable-qm": "[01]", "sharpness": "-?[0-7]"}  # noqa: RUF012
     log2_step = staticmethod(av1_log2_step)
     check_preset = staticmethod(svt_preset)
 
