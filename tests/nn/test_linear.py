@@ -77,6 +77,14 @@ def test_fingerprint_sees_every_change_and_only_changes():
     assert fingerprint(torch.zeros(5, dtype=torch.int8)) != fingerprint(torch.zeros(6, dtype=torch.int8))
 
 
+def test_fingerprint_of_tensors_larger_than_one_chunk():
+    w = torch.randn(3 << 20)  # 12 MB: several 8 MB chunks of int64 words
+    base = fingerprint(w)
+    edited = w.clone()
+    edited[-1] += 1.0  # in the last chunk
+    assert fingerprint(w.clone()) == base and fingerprint(edited) != base
+
+
 def test_edits_through_data_are_seen():
     module, _ = make("dense")
     assert not module.is_modified()

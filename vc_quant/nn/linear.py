@@ -240,7 +240,8 @@ def fingerprint(t: torch.Tensor) -> int:
     total = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _FP_CHUNK):
         chunk = words[start : start + _FP_CHUNK]
-        mult = (base[: chunk.numel()] + start * _FP_MUL) | 1  # int64 arithmetic wraps mod 2^64
+        offset = (start * _FP_MUL + 2**63) % 2**64 - 2**63  # the chunk's shift, wrapped into int64 in Python
+        mult = (base[: chunk.numel()] + offset) | 1  # int64 arithmetic wraps mod 2^64
         total += (chunk * mult).sum()
     return int(total) ^ (t.numel() << 1) ^ zlib.crc32(str(t.dtype).encode())
 
