@@ -1,11 +1,13 @@
-"""The main job: compress a real small model, save, reload in a new process, generate.
+"""The main job: what compressing a real model costs and buys, side by side in one run.
 
-Compresses SmolLM2-135M (installs offline; see scripts/setup.sh) at 2.5 bits per
-weight with ``from_pretrained(..., quantization_config=VcQuantizationConfig(...))``,
-saves it, reloads it in a fresh Python process, generates a few tokens and prints
-sizes (fp16 vs compressed), quantize time and load times (same run, same disk).
+SmolLM2-135M (installs offline; ``bash scripts/setup.sh``) as a user would ship it (bf16),
+round-to-nearest 4-bit groups of 64 (4.5 bits/weight, the simple peer) and vc_quant at two
+rates — 4.0 bits/weight, where the small model stays usable, and 2.5, where it degrades —
+all saved, reloaded in a fresh process, and measured the same way: checkpoint size, load
+time, memory of the loaded model, perplexity on 4 windows of 512 tokens of the offline
+Wikipedia leads, and the text each one generates for the same prompt.
 
-    python scripts/demo.py [--bits 2.5] [--src PATH_OR_HUB_ID] [--out .cache/demo]
+    python scripts/demo.py [--bits 4.0 2.5] [--src PATH_OR_HUB_ID] [--out .cache/demo]
 """
 
 from __future__ import annotations
@@ -19,102 +21,103 @@ import time
 from pathlib import Path
 
 import torch
-from common import checkpoint_bytes  # scripts/common.py
+from common import checkpoint_bytes, decoder_linears  # scripts/common.py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vc_quant
+from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 from vc_quant.testing import smollm2_checkpoint
 
-PROMPT = "The capital of France is"
+PROMPT = "The Eiffel Tower is a wrought-iron lattice tower in"
+
+# run in a fresh process per model: load time, memory and quality as a user would see them
+CHILD = textwrap.dedent("""
+    import json, sys, time, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vc_quant.evaluation import load_text, perplexity
+    path, prompt = sys.argv[1], sys.argv[2]
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    load_s = time.perf_counter() - t0
+    tok = AutoTokenizer.from_pretrained(path)
+    ppl = perplexity(model, tok, load_text("wiki-offline"), seqlen=512, max_windows=4)["ppl"]
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    print("RESULT " + json.dumps({"load_s": load_s, "memory_bytes": model.get_memory_footprint(), "ppl": ppl,
+                                  "text": text}))
+""")
+
+
+def measure(path: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(path), PROMPT], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"measuring {path} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][7:])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", type=float, default=2.5)
+    ap.add_argument("--bits", type=float, nargs="+", default=[4.0, 2.5])
     ap.add_argument("--src", default=None, help="model folder or hub id (default: offline SmolLM2-135M)")
     ap.add_argument("--out", default=".cache/demo")
-    ap.add_argument("--tokens", type=int, default=20)
     args = ap.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     src = args.src or str(smollm2_checkpoint())
     tok = AutoTokenizer.from_pretrained(src)
+    rows = []
 
-    # the fp16 reference checkpoint (what a user would otherwise ship)
-    fp16_dir = out / "fp16"
-    if not (fp16_dir / "config.json").exists():
-        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).save_pretrained(fp16_dir)
-        tok.save_pretrained(fp16_dir)
+    ref = out / "bf16"  # the checkpoint a user would otherwise ship
+    if not (ref / "config.json").exists():
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(ref)
+        tok.save_pretrained(ref)
+    rows.append({"name": "bf16 (reference)", "bpw": 16.0, "path": ref, "quantize_s": 0.0})
 
-    t0 = time.perf_counter()
-    # fp16 like the reference checkpoint: unquantized parts (embeddings, norms) are stored in fp16
-    model = AutoModelForCausalLM.from_pretrained(
-        fp16_dir, quantization_config=vc_quant.VcQuantizationConfig(bits=args.bits), dtype=torch.float16
-    )
-    quantize_s = time.perf_counter() - t0
-    report = model.vc_quant_report
-    vc_dir = out / f"vc-{args.bits}"
-    model.save_pretrained(vc_dir)
-    tok.save_pretrained(vc_dir)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref_logits = model(ids).logits
-    torch.save(ref_logits, out / "logits.pt")
-
-    # a fresh process: import vc_quant, load both checkpoints, compare, generate
-    child = textwrap.dedent(f"""
-        import json, time, torch, vc_quant
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        res = {{}}
-        for name, path in (("fp16", {str(fp16_dir)!r}), ("vc", {str(vc_dir)!r}),
-                           ("fp16_2", {str(fp16_dir)!r}), ("vc_2", {str(vc_dir)!r})):
-            t0 = time.perf_counter()
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
-            res[name] = time.perf_counter() - t0
-        tok = AutoTokenizer.from_pretrained({str(vc_dir)!r})
-        ids = tok({PROMPT!r}, return_tensors="pt").input_ids
+    rtn = out / "rtn-4b-g64"
+    if not (rtn / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.bfloat16)
         with torch.no_grad():
-            logits = m(ids).logits
-        res["max_abs_logit_diff"] = (logits - torch.load({str(out / "logits.pt")!r})).abs().max().item()
-        gen = m.generate(ids, max_new_tokens={args.tokens}, do_sample=False)
-        res["text"] = tok.decode(gen[0], skip_special_tokens=True)
-        # the same with a compressed KV cache (a small window, so that blocks get compressed)
-        cache = vc_quant.VcQuantizedCache(m.config, bits=2.5, residual_length=16, block_tokens=16)
-        gen = m.generate(ids, past_key_values=cache, max_new_tokens={args.tokens}, do_sample=False)
-        res["text_kv"] = tok.decode(gen[0], skip_special_tokens=True)
-        res["kv_bits"], res["kv_bytes"] = cache.compressed_bits_per_element(), cache.memory_bytes()
-        print("RESULT" + json.dumps(res))
-    """)
-    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
-    res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))[6:])
-    load_fp16 = min(res["fp16"], res["fp16_2"])
-    load_vc = min(res["vc"], res["vc_2"])
+            for module in decoder_linears(model).values():
+                module.weight.copy_(rtn_quantize(module.weight, 4, 64))
+        model.save_pretrained(rtn)  # stored dense: RTN's size below is its bits, not this file
+        tok.save_pretrained(rtn)
+    rows.append({"name": "RTN 4-bit g64", "bpw": rtn_bits_per_value(4, 64), "path": rtn, "quantize_s": None,
+                 "size_note": "bits of the format (saved dense here)"})  # fmt: skip
 
-    fp16_b, vc_b = checkpoint_bytes(fp16_dir), checkpoint_bytes(vc_dir)
-    summary = {
-        "model": src, "bits_target": args.bits, "quantized_tensors": report.tensors,
-        "quantized_values": report.values, "bits_per_weight_all_in": report.bits_per_weight,
-        "fp16_checkpoint_bytes": fp16_b, "vc_checkpoint_bytes": vc_b, "size_ratio": fp16_b / vc_b,
-        "quantize_seconds": quantize_s, "quantize_Mparams_per_s": report.values / quantize_s / 1e6,
-        "load_seconds_fp16": load_fp16, "load_seconds_vc": load_vc, "load_ratio_vc_over_fp16": load_vc / load_fp16,
-        "max_abs_logit_diff_reloaded": res["max_abs_logit_diff"], "generated": res["text"],
-        "generated_with_vc_kv_cache": res["text_kv"], "kv_cache_bits_per_element": res["kv_bits"],
-        "kv_cache_bytes": res["kv_bytes"],
-    }  # fmt: skip
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    print(f"model:            {src}")
-    print(f"quantized:        {report.tensors} linear weights, {report.values / 1e6:.1f} M values, "
-          f"{report.bits_per_weight:.3f} bits/weight all-in (target {args.bits})")  # fmt: skip
-    print(f"checkpoint size:  fp16 {fp16_b / 1e6:.1f} MB -> vc_quant {vc_b / 1e6:.1f} MB "
-          f"({fp16_b / vc_b:.2f}x smaller; embeddings/norms stay fp16)")  # fmt: skip
-    print(f"quantize on load: {quantize_s:.1f} s ({report.values / quantize_s / 1e6:.2f} M params/s)")
-    print(f"load (new proc):  fp16 {load_fp16:.2f} s, vc_quant {load_vc:.2f} s (ratio {load_vc / load_fp16:.1f}x)")
-    print(f"reloaded vs in-memory quantized model: max |logit diff| = {res['max_abs_logit_diff']}")
-    print(f"generate:         {res['text']!r}")
-    kv = res["kv_bytes"]
-    print(f"+ VcQuantizedCache: {res['text_kv']!r}\n"
-          f"                  ({res['kv_bits']:.2f} bits/element compressed — 16-token blocks carry a whole "
-          f"block's overhead; {kv['compressed']} B compressed, {kv['residual']} B full precision)")  # fmt: skip
+    for bits in args.bits:
+        dst = out / f"vc-{bits}"
+        t0 = time.perf_counter()
+        config = vc_quant.VcQuantizationConfig(bits=bits)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.bfloat16, quantization_config=config)
+        quantize_s = time.perf_counter() - t0
+        vc_quant.save_atomic(model, dst, tokenizer=tok)
+        rows.append({"name": f"vc_quant {bits} bits", "bpw": model.vc_quant_report.bits_per_weight, "path": dst,
+                     "quantize_s": quantize_s})  # fmt: skip
+        del model
+
+    for row in rows:
+        row.update(measure(row["path"]), size=checkpoint_bytes(row["path"]))
+    report(rows, out)
+
+
+def report(rows: list[dict], out: Path) -> None:
+    ref = rows[0]
+    lines = ["| model | bits/weight (linears) | checkpoint MB | load s | memory MB (x bf16) | perplexity "
+             "| quantize s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        size = "-" if "size_note" in r else f"{r['size'] / 1e6:.1f}"
+        q = "-" if not r["quantize_s"] else f"{r['quantize_s']:.0f}"
+        lines.append(f"| {r['name']} | {r['bpw']:.2f} | {size} | {r['load_s']:.1f} | "
+                     f"{r['memory_bytes'] / 1e6:.1f} ({r['memory_bytes'] / ref['memory_bytes']:.2f}) | "
+                     f"{r['ppl']:.2f} | {q} |")  # fmt: skip
+    lines += ["", f"Prompt: {PROMPT!r} (greedy, 24 tokens)", ""]
+    lines += [f"* **{r['name']}**: {r['text'].strip()!r}" for r in rows]
+    text = "\n".join(lines)
+    (out / "demo.md").write_text(text + "\n")
+    print(text)
+    print("\nRTN is stored dense here (its row gives the format's bits); vc_quant checkpoints hold the bitstreams. "
+          "Memory: get_memory_footprint() of the loaded model (vc_quant keeps int8 samples by default).")
 
 
 if __name__ == "__main__":
