@@ -186,3 +186,47 @@ def bad_pipeline_inputs(rank: int, world: int) -> dict:
     except Exception as exc:
         errors["shape"] = f"{type(exc).__name__}: {exc}"
     return errors
+
+
+def accelerate_prepare(rank: int, world: int) -> dict:
+    """accelerate wraps the model in DDP and registers the vc hook through the kwargs handler."""
+    import os as _os
+
+    from accelerate import Accelerator
+
+    from vc_quant.distributed import VcHookState, use_with_accelerate
+
+    _os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true")
+    state = VcHookState(bits=2.5)
+    accelerator = Accelerator(cpu=True)
+    use_with_accelerate(accelerator, state)
+    model = accelerator.prepare(_mlp())
+    torch.manual_seed(rank)
+    accelerator.backward(model(torch.randn(16, 32)).pow(2).mean())
+    return {"wrapped": type(model).__name__, "elements": state.stats.elements,
+            "grad": next(model.parameters()).grad.clone()}  # fmt: skip
+
+
+def trainer_hook(rank: int, world: int) -> dict:
+    """The HF Trainer wraps the model in DDP; use_in_trainer makes it register the vc hook."""
+    import os as _os
+    import tempfile
+
+    from datasets import Dataset
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from vc_quant.distributed import VcHookState, use_in_trainer
+
+    _os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), ACCELERATE_USE_CPU="true")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    data = Dataset.from_dict({"input_ids": [list(range(1, 17))] * 8, "labels": [list(range(1, 17))] * 8})
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1)  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    state = VcHookState(bits=2.5)
+    use_in_trainer(trainer, state)
+    trainer.train()
+    return {"elements": state.stats.elements, "steps": trainer.state.global_step,
+            "wrapped": type(trainer.model_wrapped).__name__}  # fmt: skip

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from vc_quant.errors import VcConfigError, VcInputError
+
 logger = logging.getLogger(__name__)
 
 WIKITEXT2 = ("wikitext", "wikitext-2-raw-v1", "test")
@@ -35,7 +37,7 @@ def load_text(source: str = "wikitext2", text_file: str | None = None) -> str:
 
         ds = load_dataset(WIKITEXT2[0], WIKITEXT2[1], split=WIKITEXT2[2])
         return "\n\n".join(ds["text"])
-    raise ValueError(f"text source {source!r}: expected 'wikitext2', 'wiki-offline' or --text-file PATH")
+    raise VcConfigError(f"text source {source!r}: expected 'wikitext2', 'wiki-offline' or --text-file PATH")
 
 
 def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bos: bool) -> torch.Tensor:
@@ -46,11 +48,11 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bo
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise VcInputError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * body].reshape(n, body)
     if bos:
         if tokenizer.bos_token_id is None:
-            raise ValueError("bos=True but the tokenizer has no BOS token; pass bos=False")
+            raise VcConfigError("bos=True but the tokenizer has no BOS token; pass bos=False")
         windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), windows], dim=1)
     return windows
 

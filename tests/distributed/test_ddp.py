@@ -50,3 +50,20 @@ def test_bad_arguments_are_refused():
         vc_allreduce_hook(VcHookState(), FakeBucket(torch.zeros(10, dtype=torch.int64)))
     schedule = linear_schedule(1.5, 3.0, 10)
     assert schedule(0) == 1.5 and schedule(5) == 2.25 and schedule(99) == 3.0
+
+
+def test_accelerate_registers_the_hook_on_the_prepared_model(tmp_path):
+    from dist_workers import accelerate_prepare
+
+    r0, r1 = spawn(accelerate_prepare, tmp_path)
+    assert r0["wrapped"] == "DistributedDataParallel"
+    assert r0["elements"] > 0  # the vc hook reduced the gradients
+    assert torch.equal(r0["grad"], r1["grad"])  # every rank holds the same averaged gradient
+
+
+def test_the_trainer_registers_the_hook_when_it_wraps_the_model(tmp_path):
+    from dist_workers import trainer_hook
+
+    r0, _ = spawn(trainer_hook, tmp_path)
+    assert r0["wrapped"] == "DistributedDataParallel" and r0["steps"] == 2
+    assert r0["elements"] > 0

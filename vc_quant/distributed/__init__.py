@@ -15,6 +15,7 @@ from vc_quant.distributed.ddp import (
     linear_schedule,
     register,
     use_in_trainer,
+    use_with_accelerate,
     vc_allreduce_hook,
 )
 from vc_quant.distributed.inflight import InflightCodec, pack, unpack
@@ -34,5 +35,6 @@ __all__ = [
     "send_compressed",
     "unpack",
     "use_in_trainer",
+    "use_with_accelerate",
     "vc_allreduce_hook",
 ]

@@ -166,8 +166,8 @@ def _ddp_kwargs_class():
 
     @dataclass
     class VcDDPKwargs(DistributedDataParallelKwargs):
-        """accelerate's DDP options + the vc_quant gradient hook (``Accelerator(kwargs_handlers=[...])``,
-        or ``trainer.accelerator.ddp_handler`` for the HF Trainer, see :func:`use_in_trainer`)."""
+        """accelerate's DDP options + the vc_quant gradient hook, registered when accelerate wraps the
+        model (set as ``accelerator.ddp_handler``: :func:`use_with_accelerate`, :func:`use_in_trainer`)."""
 
         vc_state: VcHookState | None = None
 
@@ -188,14 +188,21 @@ def ddp_kwargs(state: VcHookState, **ddp_options):
     return _ddp_kwargs_class()(vc_state=state, **ddp_options)
 
 
-def use_in_trainer(trainer, state: VcHookState) -> None:
-    """Make a ``transformers.Trainer`` register the vc_quant hook when it wraps the model in DDP.
+def use_with_accelerate(accelerator, state: VcHookState) -> None:
+    """Make ``accelerator.prepare`` register the vc_quant hook when it wraps a model in DDP.
 
-    Call before ``trainer.train()``; the trainer's own DDP options (``ddp_find_unused_parameters``,
-    bucket size, …) are kept.
+    Call before ``prepare``. accelerate accepts only its own handler classes in
+    ``kwargs_handlers``, so the handler is set on the accelerator; its DDP options
+    (``find_unused_parameters``, bucket size, …) are kept.
     """
     from dataclasses import asdict
 
-    current = getattr(trainer.accelerator, "ddp_handler", None)
+    current = getattr(accelerator, "ddp_handler", None)
     options = {k: v for k, v in asdict(current).items() if k != "vc_state"} if current is not None else {}
-    trainer.accelerator.ddp_handler = ddp_kwargs(state, **options)
+    accelerator.ddp_handler = ddp_kwargs(state, **options)
+
+
+def use_in_trainer(trainer, state: VcHookState) -> None:
+    """Make a ``transformers.Trainer`` register the vc_quant hook when it wraps the model in DDP
+    (call before ``trainer.train()``; the trainer's own DDP options are kept)."""
+    use_with_accelerate(trainer.accelerator, state)
