@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import default_out, free_port  # scripts/common.py
+from common import default_out, free_port, plot_curves  # scripts/common.py
 
 ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef"]
 SEQ, BATCH, VAL_WINDOWS, LR = 128, 8, 32, 2e-3
@@ -131,8 +131,8 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str) -> 
               "allreduce_bytes": counter.bytes}  # fmt: skip
     if state is not None:
         st = state.stats
-        result.update(wire_bytes=st.wire_bytes, payload_bytes=st.payload_bytes, encode_s=st.encode_s,
-                      exchange_s=st.exchange_s, decode_s=st.decode_s, hook_elements=st.elements)  # fmt: skip
+        result.update(wire_bytes=st.bytes, payload_bytes=st.payload_bytes, encode_s=st.encode_s,
+                      exchange_s=st.transfer_s, decode_s=st.decode_s, hook_elements=st.elements)  # fmt: skip
     torch.save(result, Path(out) / f"{row}-rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -196,25 +196,8 @@ def write(rows: list[dict], out: Path, steps: int) -> None:
         )
     (out / "bench_ddp.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, out / "bench_ddp.png")
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        steps, losses = zip(*r["val_curve"], strict=True)
-        ax.plot(steps, losses, "-o", ms=3, label=f"{r['row']} ({r['bits_per_element']:.2f} b/el)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    curves = {f"{r['row']} ({r['bits_per_element']:.2f} b/el)": tuple(zip(*r["val_curve"], strict=True)) for r in rows}
+    plot_curves(curves, "step", "validation loss", out / "bench_ddp.png")
 
 
 if __name__ == "__main__":

@@ -129,8 +129,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--big-layers", type=int, default=12, help="decoder layers of the config-built model")
     ap.add_argument("--limit-gb", type=float, default=1.5, help="memory limit (cgroup) of the big-model cases")
-    ap.add_argument("--out", default=default_out("memory/bench_memory"),
-                    help="output path stem (committed: results/memory/bench_memory)")
+    ap.add_argument(
+        "--out",
+        default=default_out("memory/bench_memory"),
+        help="output path stem (committed: results/memory/bench_memory)",
+    )
     ap.add_argument("--only-big", action="store_true")
     args = ap.parse_args()
     from vc_quant.testing import smollm2_checkpoint

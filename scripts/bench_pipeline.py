@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from common import default_out, free_port  # scripts/common.py
+from common import default_out, free_port, plot_curves  # scripts/common.py
 
 SEQ = 512
 TRAIN_SEQ, TRAIN_BATCH, VAL = 128, 4, 16
@@ -86,7 +86,7 @@ def inference(rank: int, bits, d: dict, gen_tokens: int) -> dict:
                 nll -= float(logp.gather(-1, ids[0, 1:, None]).sum())
                 count += ids.shape[1] - 1
         prefill = boundary.forward_link
-        out = {"compute_s": compute, "encode_s": prefill.encode_s, "send_s": prefill.send_s,
+        out = {"compute_s": compute, "encode_s": prefill.encode_s, "send_s": prefill.transfer_s,
                "decode_s": prefill.decode_s, "bytes": prefill.bytes, "elements": prefill.elements,
                "tokens": int(d["eval"].numel())}  # fmt: skip
         if rank == 1:
@@ -245,27 +245,11 @@ def write(report: dict, out: Path, args) -> None:
             change = 100 * (r["val_loss"] / ref["val_loss"] - 1)
             lines.append(f"| {name} | {last:.4f} | {r['val_loss']:.4f} ({change:+.2f}%) "
                          f"| {r['fwd_wire_bits']:.3f} | {r['bwd_wire_bits']:.3f} |")  # fmt: skip
-        plot(tr, out / "bench_pipeline_training.png")
+        curves = {f"activations {r['act_bits'] or 'raw'}, gradients {r['grad_bits'] or 'raw'}":
+                  (list(range(1, len(r["losses"]) + 1)), r["losses"]) for r in tr}  # fmt: skip
+        plot_curves(curves, "step", "training loss", out / "bench_pipeline_training.png")
     (out / "bench_pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        label = f"activations {r['act_bits'] or 'raw'}, gradients {r['grad_bits'] or 'raw'}"
-        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

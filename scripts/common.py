@@ -49,6 +49,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plot_curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path) -> None:
+    """Line plot of ``{label: (xs, ys)}`` saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, "-o" if len(xs) < 30 else "-", ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def finish_log_plot(fig, ax, ylabel: str, path: Path, title: str | None = None) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("all-in bits per weight")

@@ -116,8 +116,10 @@ def report(rows: list[dict], out: Path) -> None:
     text = "\n".join(lines)
     (out / "demo.md").write_text(text + "\n")
     print(text)
-    print("\nRTN is stored dense here (its row gives the format's bits); vc_quant checkpoints hold the bitstreams. "
-          "Memory: get_memory_footprint() of the loaded model (vc_quant keeps int8 samples by default).")
+    print(
+        "\nRTN is stored dense here (its row gives the format's bits); vc_quant checkpoints hold the bitstreams. "
+        "Memory: get_memory_footprint() of the loaded model (vc_quant keeps int8 samples by default)."
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[10])
     ap.add_argument("--targets", type=float, nargs="+", default=[2.5, 4.0])
     ap.add_argument("--only", nargs="*", default=[], help="run only settings whose label contains one of these")
-    ap.add_argument("--out", default=default_out("codec/encoder_knobs.md"),
-                    help="markdown file (committed: results/codec/encoder_knobs.md)")
+    ap.add_argument(
+        "--out",
+        default=default_out("codec/encoder_knobs.md"),
+        help="markdown file (committed: results/codec/encoder_knobs.md)",
+    )
     args = ap.parse_args()
     state = smollm2_state()
     mats = {f"layers.{i}.{m}": state[f"model.layers.{i}.{m}.weight"] for i in args.layers for m in MATRICES}

@@ -85,8 +85,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--text", default="wiki-offline", choices=["wiki-offline", "wikitext2"])
     ap.add_argument("--piqa-limit", type=int, default=500, help="PIQA questions (0: skip PIQA)")
-    ap.add_argument("--hqq", nargs="*", default=["4:64", "4:128", "3:64"], metavar="BITS:GROUP",
-                    help="HQQ baselines (nbits:group_size)")
+    ap.add_argument(
+        "--hqq",
+        nargs="*",
+        default=["4:64", "4:128", "3:64"],
+        metavar="BITS:GROUP",
+        help="HQQ baselines (nbits:group_size)",
+    )
     ap.add_argument("--only", choices=["fp", "rtn", "hqq", "vc"], nargs="*", default=["fp", "rtn", "hqq", "vc"])
     ap.add_argument("--out", default=default_out("rd_sweep"), help="results folder (committed: results/rd_sweep)")
     args = ap.parse_args()

@@ -14,7 +14,7 @@ def test_hook_averages_the_decoded_streams_and_feeds_back_the_exact_residual(tmp
         assert len(r["mean_diff"]) == 2 and max(r["mean_diff"]) < 1e-6  # averaged = decoded mean of what was sent
         assert max(r["residual_diff"]) == 0.0  # error feedback keeps exactly what the codec dropped
         assert r["stats"].payload_bytes == r["payload_bytes"]  # bytes counted = bitstream sizes
-        assert r["stats"].wire_bytes == r["wire_bytes"]  # + the size message and the padding
+        assert r["stats"].bytes == r["wire_bytes"]  # + the size message and the padding
         assert 1.5 < r["stats"].bits_per_element < 3.5
         assert "before the first backward" in r["late_register"]
 

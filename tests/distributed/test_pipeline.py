@@ -24,7 +24,7 @@ def test_boundary_backward_receives_the_decoded_compressed_gradient(tmp_path):
     assert torch.allclose(stage0["grad_of_hidden"], stage1["expected"], atol=1e-6)
     assert not torch.equal(stage1["expected"], stage1["grad"])  # it was lossy
     assert stage0["stats"].bits_per_element == 0.0  # bytes are counted by their sender
-    assert stage0["stats"].send_s > 0 and stage0["stats"].decode_s > 0
+    assert stage0["stats"].transfer_s > 0 and stage0["stats"].decode_s > 0
 
 
 def _tiny_model(tmp_path):

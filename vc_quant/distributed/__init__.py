@@ -9,7 +9,6 @@
 """
 
 from vc_quant.distributed.ddp import (
-    HookStats,
     VcHookState,
     ddp_kwargs,
     linear_schedule,
@@ -18,15 +17,14 @@ from vc_quant.distributed.ddp import (
     use_with_accelerate,
     vc_allreduce_hook,
 )
-from vc_quant.distributed.inflight import InflightCodec, pack, unpack
-from vc_quant.distributed.pipeline import LinkStats, StageBoundary, recv_compressed, send_compressed
+from vc_quant.distributed.inflight import InflightCodec, WireStats, pack, unpack
+from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
 __all__ = [
-    "HookStats",
     "InflightCodec",
-    "LinkStats",
     "StageBoundary",
     "VcHookState",
+    "WireStats",
     "ddp_kwargs",
     "linear_schedule",
     "pack",

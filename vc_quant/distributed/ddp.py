@@ -21,25 +21,8 @@ import torch
 import torch.distributed as dist
 
 from vc_quant.codec.options import check_bits
-from vc_quant.distributed.inflight import InflightCodec, unpack
+from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack
 from vc_quant.errors import VcConfigError, VcInputError
-
-
-@dataclass
-class HookStats:
-    """What the hook did, summed over calls: elements, bytes and seconds per phase."""
-
-    elements: int = 0
-    payload_bytes: int = 0  # this rank's bitstreams (records packed)
-    wire_bytes: int = 0  # what this rank put into the collectives: sizes + padded payloads
-    encode_s: float = 0.0
-    exchange_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def bits_per_element(self) -> float:
-        """All-in bits per gradient element this rank sent (padding and sizes included)."""
-        return 8.0 * self.wire_bytes / max(self.elements, 1)
 
 
 @dataclass
@@ -61,7 +44,7 @@ class VcHookState:
     schedule: Callable[[int], float] | None = None
     process_group: dist.ProcessGroup | None = None
     codec: dict = field(default_factory=dict)
-    stats: HookStats = field(default_factory=HookStats)
+    stats: WireStats = field(default_factory=WireStats)  # this rank: sizes + padded payloads it gathered
     step: int = 0  # the iteration being reduced (0-based; advanced at bucket 0, reduced first in backward)
     _iterations: int = field(default=0, init=False, repr=False)
     _codec: InflightCodec = field(init=False, repr=False)
@@ -128,11 +111,12 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
     grad.copy_((total / world).to(grad.dtype))
     t3 = time.perf_counter()
 
+    stats.messages += 1
     stats.elements += grad.numel()
     stats.payload_bytes += packed.numel()
-    stats.wire_bytes += size.numel() * size.element_size() + padded.numel()
+    stats.bytes += size.numel() * size.element_size() + padded.numel()
     stats.encode_s += t1 - t0
-    stats.exchange_s += t2 - t1
+    stats.transfer_s += t2 - t1
     stats.decode_s += t3 - t2
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(grad)

@@ -32,6 +32,28 @@ INFLIGHT_DEFAULTS = {"codec": "av1", "preset": "12", "scale": "row", "encoder_pa
 _HEADER = struct.Struct("<I")
 
 
+@dataclass
+class WireStats:
+    """What went over the wire, summed: messages, elements, bytes and seconds per phase.
+
+    ``bytes`` is everything a rank handed to the collectives or sends (sizes, headers,
+    padding, payloads); ``payload_bytes`` the packed records alone.
+    """
+
+    messages: int = 0
+    elements: int = 0
+    bytes: int = 0
+    payload_bytes: int = 0
+    encode_s: float = 0.0
+    transfer_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def bits_per_element(self) -> float:
+        """All-in bits per element sent."""
+        return 8.0 * self.bytes / max(self.elements, 1)
+
+
 def pack(enc: EncodedTensor) -> torch.Tensor:
     """A record as one flat uint8 tensor (what is sent)."""
     meta = dump_meta(enc.meta)

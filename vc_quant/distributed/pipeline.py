@@ -30,28 +30,12 @@ import torch
 import torch.distributed as dist
 
 from vc_quant.codec.options import BITS_RANGE, check_bits
-from vc_quant.distributed.inflight import InflightCodec, unpack
+from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack
 from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
 _RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _RAW, _PACKED = 0, 1  # kinds of message part
 _LEN = 8  # every part: kind (1 byte) + length (8 bytes) + payload
-
-
-@dataclass
-class LinkStats:
-    """One direction of a boundary: messages, elements, bytes sent and seconds per phase."""
-
-    messages: int = 0
-    elements: int = 0
-    bytes: int = 0  # everything sent: sizes, headers, payloads
-    encode_s: float = 0.0
-    send_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def bits_per_element(self) -> float:
-        return 8.0 * self.bytes / max(self.elements, 1)
 
 
 def _check_float(tensor: torch.Tensor, what: str) -> None:
@@ -100,7 +84,7 @@ def _parts(buf: torch.Tensor, src: int) -> list[torch.Tensor]:
 def send_compressed(
     tensor: torch.Tensor, dst: int, bits: float | None = 3.5, *, sink_tokens: int = 0,
     codec: InflightCodec | None = None, stream: str = "activations", group: dist.ProcessGroup | None = None,
-    stats: LinkStats | None = None,
+    stats: WireStats | None = None,
 ) -> torch.Tensor | None:  # fmt: skip
     """Send ``tensor`` to rank ``dst`` at ``bits`` per element, all-in (``None``: uncompressed).
 
@@ -137,14 +121,15 @@ def send_compressed(
         stats.messages += 1
         stats.elements += tensor.numel()
         stats.bytes += size.numel() * size.element_size() + message.numel()
+        stats.payload_bytes += message.numel()
         stats.encode_s += t1 - t0
-        stats.send_s += time.perf_counter() - t1
+        stats.transfer_s += time.perf_counter() - t1
     return decoded
 
 
 def recv_compressed(
     src: int, *, shape: tuple[int, ...] | None = None, device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None, group: dist.ProcessGroup | None = None, stats: LinkStats | None = None,
+    dtype: torch.dtype | None = None, group: dist.ProcessGroup | None = None, stats: WireStats | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Receive a tensor sent by :func:`send_compressed` from rank ``src`` (decoded; checked against ``shape``)."""
     link = torch.device(device) if dist.get_backend(group) == "nccl" else torch.device("cpu")
@@ -166,7 +151,7 @@ def recv_compressed(
     out = out.to(device=device, dtype=dtype or (out.dtype if len(parts) == 1 else torch.float32))
     if stats is not None:
         stats.decode_s += time.perf_counter() - t1
-        stats.send_s += t1 - t0
+        stats.transfer_s += t1 - t0
     return out
 
 
@@ -188,8 +173,8 @@ class StageBoundary:
     error_feedback: bool = True
     codec: dict = field(default_factory=dict)
     group: dist.ProcessGroup | None = None
-    forward_link: LinkStats = field(default_factory=LinkStats)  # activations (counted by their sender)
-    backward_link: LinkStats = field(default_factory=LinkStats)  # activation gradients
+    forward_link: WireStats = field(default_factory=WireStats)  # activations (bytes counted by their sender)
+    backward_link: WireStats = field(default_factory=WireStats)  # activation gradients
 
     def __post_init__(self) -> None:
         if isinstance(self.sink_tokens, bool) or not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
