@@ -33,6 +33,9 @@ SETTINGS = [  # (label, codec, preset, encoder_params)
     ("av1 preset 8", "av1", "8", ""),
     ("av1 preset 6", "av1", "6", ""),
     ("av1 preset 4", "av1", "4", ""),
+    ("av1 preset 8, enable-dlf=0", "av1", "8", "enable-dlf=0"),
+    ("av1 preset 8, tune=0", "av1", "8", "tune=0"),
+    ("av1 preset 8, tune=2", "av1", "8", "tune=2"),
 ]
 MATRICES = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")
 

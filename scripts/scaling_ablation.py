@@ -37,11 +37,12 @@ tok = AutoTokenizer.from_pretrained(src)
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
 names = [n + ".weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
 orig = {n: model.get_parameter(n).detach().clone() for n in names}
-cache = ".cache/scaling_ablation_fisher.pt"
+N_SEQS = int(os.environ.get("FISHER_SEQS", "8"))  # self-generated sequences for the Fisher estimate
+cache = f".cache/scaling_ablation_fisher_{N_SEQS}.pt"
 if os.path.exists(cache):
     F = torch.load(cache)
 else:
-    seqs = _sample_sequences(model, 8, 128, 0)
+    seqs = _sample_sequences(model, N_SEQS, 128, 0)
     params = {n: model.get_parameter(n) for n in names}
     for p in model.parameters():
         p.requires_grad_(False)

@@ -26,6 +26,7 @@ from vc_quant.allocation import calibration_sequences, plan_bits
 from vc_quant.checkpoint import Checkpoint
 from vc_quant.codec import DecodePool, encode_tensor
 from vc_quant.codec.backends.nvcodec import nvdec_status
+from vc_quant.codec.decode import choose_backend
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError, VcCorruptDataError
 from vc_quant.hf.ops import VcDeserialize, VcQuantize
@@ -350,6 +351,11 @@ class VcHfQuantizer(HfQuantizer):
                                     decode_fallback_reason=self.report.decode_fallback_reason)  # fmt: skip
         if not self.pre_quantized:
             report.decode_backend = "cpu"
+        window = getattr(model, "vc_bitstream_window", None)
+        if window is not None and report.decode_backend == "none":  # decoded at every forward, not on load
+            first = window.modules[0]
+            backend, reason = choose_backend(first.weight.device, first.meta["codec"], config.decode_backend)
+            report.decode_backend, report.decode_fallback_reason = f"{backend} (at every forward)", reason
         for name, module in vc_linears(model):
             report.add(name + ".weight", module)
         report.seconds = time.perf_counter() - self._started
