@@ -147,7 +147,7 @@ def main() -> None:
                 for n, m in linears.items():
                     m.weight.copy_(hqq_quantize(original[n], bits, group))
             q_s = time.perf_counter() - t0
-            bpw = bits + 32.0 / group  # fp16 scale + fp16 zero per group (every matrix here divides evenly)
+            bpw = bits + 32.0 / group  # fp16 scale + fp16 zero per group (every weight here divides evenly)
             record({"method": f"HQQ {bits}b g{group}", "family": "hqq", "bpw": bpw, "quantize_seconds": q_s,
                     **evaluate(base)})  # fmt: skip
         with torch.no_grad():
@@ -186,8 +186,8 @@ def hqq_quantize(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     os.environ.setdefault("DISABLE_CUDA", "1")
     from hqq.core.quantize import Quantizer
 
-    if w.shape[-1] % group:
-        raise SystemExit(f"HQQ g{group}: {tuple(w.shape)} does not divide into groups")
+    if w.numel() % group:  # HQQ groups the flattened weight (groups may span rows)
+        raise SystemExit(f"HQQ g{group}: {tuple(w.shape)} does not divide into groups of {group}")
     wq, meta = Quantizer.quantize(w.float(), nbits=bits, group_size=group, optimize=True, round_zero=True, axis=1,
                                   bitpack=False, device="cpu")  # fmt: skip
     meta["compute_dtype"] = torch.float32
