@@ -5,8 +5,9 @@ Two processes (``gloo``, one CPU core each) train the same small Llama built fro
 embeddings) on windows of the offline Wikipedia leads: same initialisation, same data
 order (each rank its own shard), same seeds, AdamW, a fixed number of steps. Rows: fp32
 all-reduce (torch's ``allreduce_hook``, the reference), torch's ``fp16_compress_hook``,
-``powerSGD_hook`` at two ranks (vanilla all-reduce for the first 10 steps, as PowerSGD
-needs), vc_quant at 1.5 / 2.0 / 2.5 bits with error feedback and at 2.5 bits without.
+``powerSGD_hook`` at two ranks (vanilla all-reduce for the first 2 steps, the least
+PowerSGD allows; those bytes are counted too), vc_quant at 1.5 / 2.0 / 2.5 bits with
+error feedback and at 2.5 bits without.
 
 Bits per gradient element on the wire are *measured*: every byte a rank hands to
 ``dist.all_reduce`` (torch's hooks) or to ``dist.all_gather`` (vc_quant: sizes + padded
@@ -19,7 +20,7 @@ extra compute is its measured step time minus the fp32 row's), and ``bytes`` wha
 sends per step: an all-reduce over 2 ranks moves each rank's buffer once each way (ring:
 2(N-1)/N × size = size), an all-gather sends each rank's payload once (N-1 = 1).
 
-    python scripts/bench_ddp.py [--steps 200] [--out results/ddp]
+    python scripts/bench_ddp.py [--steps 100] [--out results/ddp]
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str) -> 
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif row.startswith("powersgd-"):
         psgd = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=int(row.split("-")[1]),
-                                           start_powerSGD_iter=10)  # fmt: skip
+                                           start_powerSGD_iter=2)  # fmt: skip
         model.register_comm_hook(psgd, powerSGD_hook.powerSGD_hook)
     else:
         bits = float(row.split("-")[1])
@@ -124,7 +125,7 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str) -> 
         opt.step()
         sched.step()
         step_s.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 25 == 0 or step == steps - 1:
             vals.append((step + 1, validation(model.module, val)))
     result = {"row": row, "losses": losses, "val": vals, "step_s": step_s, "elements_per_step": elements,
@@ -158,7 +159,7 @@ def summarize(res: dict, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--out", default=default_out("ddp"), help="results folder (committed: results/ddp)")
     args = ap.parse_args()

@@ -11,7 +11,7 @@ from vc_quant.distributed import VcHookState, linear_schedule, vc_allreduce_hook
 def test_hook_averages_the_decoded_streams_and_feeds_back_the_exact_residual(tmp_path):
     results = spawn(hook_contract, tmp_path, 2.5)
     for r in results:
-        assert len(r["mean_diff"]) == 2 and max(r["mean_diff"]) < 1e-6  # averaged = decoded mean of what was sent
+        assert len(r["mean_diff"]) >= 3 and max(r["mean_diff"]) < 1e-6  # averaged = decoded mean of what was sent
         assert max(r["residual_diff"]) == 0.0  # error feedback keeps exactly what the codec dropped
         assert r["stats"].payload_bytes == r["payload_bytes"]  # bytes counted = bitstream sizes
         assert r["stats"].bytes == r["wire_bytes"]  # + the size message and the padding

@@ -87,8 +87,11 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
         state.step, state._iterations = state._iterations, state._iterations + 1
     t0 = time.perf_counter()
     x = grad.detach().float().cpu()
-    if state.error_feedback and index in state._residuals:
-        x = x + state._residuals[index]
+    residual = state._residuals.get(index)
+    # DDP rebuilds its buckets after the first iteration (new sizes, new order): a residual of
+    # the old layout cannot be mapped onto the new one and is dropped (once)
+    if state.error_feedback and residual is not None and residual.shape == x.shape:
+        x = x + residual
     packed, enc = state._codec.encode(x, stream=f"bucket{index}", bits=state.bits_now())
     own = state._codec.decode(enc)
     if state.error_feedback:
