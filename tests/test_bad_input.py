@@ -47,7 +47,8 @@ def rewrite(folder, change) -> None:
 
 def set_meta(sd, key, meta, fix_crc=True) -> None:
     """Write ``meta`` into the record of ``key`` (re-computing the CRC, as an attacker would)."""
-    enc = EncodedTensor(sd[key], sd[key + "_vc_center"], sd[key + "_vc_step"], meta)
+    enc = EncodedTensor(sd[key], sd[key + "_vc_center"], sd[key + "_vc_step"], meta,
+                        col_scale=sd.get(key + "_vc_colscale"))  # fmt: skip
     if fix_crc:
         enc.meta["crc32"] = checksum(enc)
     sd[key + "_vc_meta"] = enc.to_dict()["meta"]
@@ -204,7 +205,7 @@ def test_swapped_records_of_same_shape_tensors_are_detected(tiny_quantized, copy
     a, b = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
 
     def swap(sd):
-        for suffix in ("", "_vc_center", "_vc_step", "_vc_meta"):
+        for suffix in ("", "_vc_center", "_vc_step", "_vc_meta", "_vc_colscale"):
             sd[a + suffix], sd[b + suffix] = sd[b + suffix], sd[a + suffix]
 
     rewrite(folder, swap)

@@ -150,7 +150,8 @@ class VcLinear(nn.Linear):
         if self.source is None:
             raise VcConfigError("this VcLinear holds no record")
         if self.resident == "bitstream":
-            return EncodedTensor(self.weight.cpu(), self.weight_center.cpu(), self.weight_step.cpu(), self.meta)
+            return EncodedTensor(self.weight.cpu(), self.weight_center, self.weight_step, self.meta,
+                                 col_scale=self.col_scale)  # fmt: skip
         return self.source.load()
 
     def to_dense(self) -> None:
