@@ -20,7 +20,7 @@ Models: SmolLM2-135M (real weights; vc at --bits, defaults) and a TinyLlama-1.1B
 model built from a config (random N(0, 0.02) weights, for scaling; vc at --bits,
 uniform allocation, AV1 to keep the encode short; no perplexity).
 
-    python scripts/bench_resident.py [--models smollm2 1b] [--bits 2.5] [--out results/resident]
+    python scripts/bench_resident.py [--models smollm2 1b] [--bits 2.5] [--big-layers 22] [--out results/resident]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ CACHE = Path(".cache/bench_resident")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def prepare(model: str, bits: float) -> dict[str, str]:
+def prepare(model: str, bits: float, big_layers: int = 22) -> dict[str, str]:
     """Paths of the bf16 and the vc checkpoint of ``model`` (built once, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,6 +50,8 @@ def prepare(model: str, bits: float) -> dict[str, str]:
     from vc_quant.testing import smollm2_checkpoint
 
     folder = CACHE / model
+    if model == "1b":
+        folder = CACHE / f"1b-{big_layers}layers"
     bf16, vc = folder / "bf16", folder / f"vc-{bits}"
     src = smollm2_checkpoint()
     if not (bf16 / "config.json").exists():
@@ -58,8 +60,9 @@ def prepare(model: str, bits: float) -> dict[str, str]:
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                 num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=True)  # fmt: skip
+            config = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632,
+                                 num_hidden_layers=big_layers, num_attention_heads=32, num_key_value_heads=4,
+                                 tie_word_embeddings=True)  # fmt: skip
             torch.manual_seed(0)
             m = LlamaForCausalLM(config).to(torch.bfloat16)
             with torch.no_grad():
@@ -119,6 +122,13 @@ def linear_bytes(model) -> int:
     return total
 
 
+def record_bytes(model) -> int:
+    """Bytes of the checkpoint records of the decoder linears (bitstreams, maps, metadata): the compressed size."""
+    from vc_quant import VcLinear
+
+    return sum(m.source.nbytes for n, m in model.named_modules() if isinstance(m, VcLinear) and m.source is not None)
+
+
 def model_bytes(model) -> int:
     import vc_quant
 
@@ -144,7 +154,13 @@ def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) ->
     tok = AutoTokenizer.from_pretrained(paths["bf16"])
     vocab = model.config.vocab_size
     ids = torch.randint(10, vocab - 10, (1, 512), generator=torch.Generator().manual_seed(1))
-    out = {"row": row, "load_s": load_s, "linear_bytes": linear_bytes(model), "model_bytes": model_bytes(model)}
+    out = {
+        "row": row,
+        "load_s": load_s,
+        "linear_bytes": linear_bytes(model),
+        "model_bytes": model_bytes(model),
+        "record_bytes": record_bytes(model),
+    }
     with torch.no_grad():
         model(ids[:, :64])  # warm-up
         times = []
@@ -161,6 +177,8 @@ def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) ->
     if ppl_windows:
         res = perplexity(model, tok, load_text("wiki-offline"), seqlen=512, max_windows=ppl_windows, bos=True)
         out["ppl"] = res["ppl"]
+    window = getattr(model, "vc_bitstream_window", None)
+    out["window_peak_bytes"] = window.peak_bytes if window is not None else 0
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -171,6 +189,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "1b"], choices=["smollm2", "1b"])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--bits", type=float, default=2.5)
+    ap.add_argument(
+        "--big-layers",
+        type=int,
+        default=22,
+        help="decoder layers of the TinyLlama-shaped model (22: 1.1B; fewer: same shapes, shorter run)",
+    )
     ap.add_argument("--out", default=default_out("resident"), help="results folder (committed: results/resident)")
     ap.add_argument("--child", nargs=4, metavar=("ROW", "PATHS", "NEW_TOKENS", "PPL_WINDOWS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,7 +204,7 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        paths = prepare(model, args.bits)
+        paths = prepare(model, args.bits, args.big_layers)
         new_tokens, windows = (32, 16) if model == "smollm2" else (8, 0)
         for row in args.rows:
             cmd = [sys.executable, __file__, "--child", row, json.dumps(paths), str(new_tokens), str(windows)]
@@ -202,13 +226,16 @@ def write(rows: list[dict], out: Path, bits: float) -> None:
         group = [r for r in rows if r["model"] == model]
         ref = next((r for r in group if r["row"] == "bf16"), group[0])
         lines += [f"**{model}** (vc at {bits} bits/weight; ratios vs bf16 dense, same run)", "",
-                  "| row | linears MB (x bf16) | model MB | peak RSS MB | load s | prefill tok/s (x bf16) | "
-                  "decode tok/s (x bf16) | perplexity |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| row | linears MB (x bf16) | linears / records | window peak MB | model MB | peak RSS MB | "
+                  "load s | prefill tok/s (x bf16) | decode tok/s (x bf16) | perplexity |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in group:
             ppl = f"{r['ppl']:.3f}" if "ppl" in r else "-"
+            vs_records = f"{r['linear_bytes'] / r['record_bytes']:.3f}" if r.get("record_bytes") else "-"
             lines.append(
                 f"| {r['row']} | {r['linear_bytes'] / 1e6:.1f} ({r['linear_bytes'] / ref['linear_bytes']:.3f}) | "
-                f"{r['model_bytes'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | "
+                f"{vs_records} | {r.get('window_peak_bytes', 0) / 1e6:.1f} | {r['model_bytes'] / 1e6:.1f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | "
                 f"{r['prefill_tok_s']:.0f} ({r['prefill_tok_s'] / ref['prefill_tok_s']:.2f}) | "
                 f"{r['decode_tok_s']:.2f} ({r['decode_tok_s'] / ref['decode_tok_s']:.2f}) | {ppl} |"
             )

@@ -172,8 +172,10 @@ class VcLinear(nn.Linear):
         self.fingerprint = self.resident_fingerprint()
 
     def held_bytes(self) -> int:
-        """Host bytes held outside parameters and buffers (records kept for saving)."""
-        return self.source.held_bytes if self.source is not None and self.resident != "bitstream" else 0
+        """Host bytes held outside parameters and buffers: records kept for saving, the affine map."""
+        record = self.source.held_bytes if self.source is not None and self.resident != "bitstream" else 0
+        maps = (self.weight_center, self.weight_step, self.col_scale)
+        return record + sum(t.numel() * t.element_size() for t in maps if t is not None)
 
     # --- compute -------------------------------------------------------------------------
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -34,6 +34,7 @@ class BitstreamWindow:
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
         self.decodes = 0  # decodes started (a measure of work, for tests and benchmarks)
+        self.peak_bytes = 0  # most decoded bytes held at once (for benchmarks and memory bounds)
 
     def _submit(self, i: int) -> Future:
         module = self.modules[i]
@@ -53,6 +54,7 @@ class BitstreamWindow:
                 j = (i + k) % len(self.modules)
                 if j not in self._pending and self.modules[j] is not None:
                     self._pending[j] = self._submit(j)
+            self.peak_bytes = max(self.peak_bytes, self._held_bytes())
         return job.result()
 
     def release(self, module: VcLinear) -> None:
@@ -74,8 +76,11 @@ class BitstreamWindow:
 
     def held_bytes(self) -> int:
         with self._lock:
-            return sum(self.modules[i].in_features * self.modules[i].out_features for i in self._pending
-                       if self.modules[i] is not None)  # fmt: skip
+            return self._held_bytes()
+
+    def _held_bytes(self) -> int:  # caller holds the lock
+        return sum(self.modules[i].in_features * self.modules[i].out_features for i in self._pending
+                   if self.modules[i] is not None)  # fmt: skip
 
     def close(self) -> None:
         with self._lock:
