@@ -140,9 +140,15 @@ def model_bytes(model) -> int:
     return counts["total"] + hqq_extra
 
 
-def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) -> dict:
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak RSS (``VmHWM``; ``ru_maxrss`` would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
+
+def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) -> dict:
     from transformers import AutoTokenizer
 
     from vc_quant.evaluation import load_text, perplexity
@@ -179,7 +185,7 @@ def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) ->
         out["ppl"] = res["ppl"]
     window = getattr(model, "vc_bitstream_window", None)
     out["window_peak_bytes"] = window.peak_bytes if window is not None else 0
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
