@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import default_out, free_port, plot_curves  # scripts/common.py
 
+BUCKET_MB = 64  # > the model's 29 MB of fp32 gradients: one bucket
 ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef"]
 SEQ, BATCH, VAL_WINDOWS, LR = 128, 8, 32, 2e-3
 LINKS = {"1 Gbit/s": 1e9, "10 Gbit/s": 1e10, "100 Gbit/s": 1e11}
@@ -96,7 +97,10 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str) -> 
     from vc_quant.distributed import VcHookState, register
 
     train, val = windows(steps, world)
-    model = torch.nn.parallel.DistributedDataParallel(small_llama())
+    # one gradient bucket for every row: PowerSGD chains its two all-reduces in future callbacks,
+    # and with two buckets under gloo those collectives can be issued in different orders on the
+    # two ranks (a size-mismatch abort, seen at step 2 with the default 25 MB cap)
+    model = torch.nn.parallel.DistributedDataParallel(small_llama(), bucket_cap_mb=BUCKET_MB)
     counter = Counter()
     dist.all_reduce = counter
     state = None
