@@ -131,6 +131,17 @@ def p2p_round_trip(rank: int, world: int, bits) -> dict:
     return {"received": recv_compressed(0, shape=(37, 576))}
 
 
+def p2p_one_token(rank: int, world: int) -> dict:
+    """One token's hidden state (576 values) on a 3.5-bit link: too small for a record."""
+    from vc_quant.distributed import WireStats, recv_compressed, send_compressed
+
+    x = torch.randn(1, 1, 576, generator=torch.Generator().manual_seed(0)) * 3
+    if rank == 0:
+        stats = WireStats()
+        return {"sent_as": send_compressed(x, 1, 3.5, stats=stats), "x": x, "bits": stats.bits_per_element}
+    return {"received": recv_compressed(0, shape=(1, 1, 576))}
+
+
 def boundary_backward(rank: int, world: int) -> dict:
     """Rank 1 sends its input gradient back compressed; rank 0 runs its backward with what arrives."""
     from vc_quant.distributed import StageBoundary
