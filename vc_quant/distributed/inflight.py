@@ -4,8 +4,14 @@ One encode per tensor at a *predicted* quantiser step (no rate search): a
 :class:`~vc_quant.codec.ratecontrol.StepPredictor` per stream — the mechanism the KV
 cache uses — learns from the rates the codec actually produced, so the running rate
 lands on ``bits``. A record travels as one flat uint8 tensor (:func:`pack` /
-:func:`unpack`): a 4-byte metadata length, the JSON metadata, the affine map and the
-bitstream. Every byte of it is counted as sent.
+:func:`unpack`): a 4-byte metadata length, a 2-byte gain exponent, the JSON metadata,
+the affine map and the bitstream. Every byte of it is counted as sent.
+
+Gradients are tiny (activation gradients of a mean loss: ~1e-6 and below), and the per-row
+affine map is fp16, whose steps underflow there: the decoder then returns noise (measured:
+relative error ~1e3-1e4 on SmolLM2 activation gradients). So each tensor is first scaled by
+a power of two that brings its RMS to ~1 — exact in floating point — and the exponent
+travels with the record.
 
 Defaults measured for in-flight use (scripts/bench_ddp.py): AV1 at SVT-AV1 preset 12
 (the fastest), one affine map per row of the folded tensor (gradients mix parameters of
@@ -15,6 +21,7 @@ very different scales), no encoder extras.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -29,7 +36,8 @@ from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
 #: codec options for tensors in flight (see the module docstring); callers may override any
 INFLIGHT_DEFAULTS = {"codec": "av1", "preset": "12", "scale": "row", "encoder_params": ""}
-_HEADER = struct.Struct("<I")
+_HEADER = struct.Struct("<Ih")  # metadata length, gain exponent
+_MAX_EXP = 120  # |gain exponent|: keeps 2**exp and its inverse finite in float32
 
 
 @dataclass
@@ -57,8 +65,9 @@ class WireStats:
 def pack(enc: EncodedTensor) -> torch.Tensor:
     """A record as one flat uint8 tensor (what is sent)."""
     meta = dump_meta(enc.meta)
+    header = _HEADER.pack(len(meta), int(enc.stats.get("gain_exp", 0)))
     parts = [
-        torch.frombuffer(bytearray(_HEADER.pack(len(meta)) + meta), dtype=torch.uint8),
+        torch.frombuffer(bytearray(header + meta), dtype=torch.uint8),
         enc.center.contiguous().reshape(-1).view(torch.uint8),
         enc.step.contiguous().reshape(-1).view(torch.uint8),
         enc.bitstream.reshape(-1),
@@ -71,9 +80,11 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> EncodedTensor:
     data = buf.detach().cpu().contiguous()
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < _HEADER.size:
         raise VcCorruptDataError(f"{name}: a packed record is a 1-D uint8 tensor")
-    (meta_len,) = _HEADER.unpack(bytes(data[: _HEADER.size].numpy()))
+    meta_len, gain_exp = _HEADER.unpack(bytes(data[: _HEADER.size].numpy()))
     if meta_len > min(MAX_META_BYTES, data.numel() - _HEADER.size):
         raise VcCorruptDataError(f"{name}: packed record claims {meta_len} bytes of metadata")
+    if abs(gain_exp) > _MAX_EXP:
+        raise VcCorruptDataError(f"{name}: packed record has a gain exponent of {gain_exp}")
     start = _HEADER.size + meta_len
     try:
         meta = json.loads(bytes(data[_HEADER.size : start].numpy()).decode("utf-8"))
@@ -89,7 +100,16 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> EncodedTensor:
     step = data[start + width : start + 2 * width].clone().view(dtype).reshape(count, 1)
     enc = EncodedTensor(data[start + 2 * width :].clone(), center, step, meta)
     enc.verify(name)
+    enc.stats["gain_exp"] = gain_exp
     return enc
+
+
+def gain_exponent(x: torch.Tensor) -> int:
+    """The power of two that brings ``x``'s RMS to ~1 (0 for an all-zero tensor)."""
+    rms = float(x.float().pow(2).mean().sqrt())
+    if not math.isfinite(rms) or rms == 0.0:
+        return 0
+    return max(-_MAX_EXP, min(_MAX_EXP, -round(math.log2(rms))))
 
 
 @dataclass
@@ -119,8 +139,11 @@ class InflightCodec:
         if not tensor.is_floating_point():
             raise VcInputError(f"{stream or 'tensor'}: in-flight compression needs a float tensor, got {tensor.dtype}")
         target = self.bits if bits is None else check_bits(bits, "bits")
-        enc = encode_tensor(tensor.detach(), target, name=stream or "tensor", **self.predictor.encode_options(stream),
+        exp = gain_exponent(tensor.detach())
+        scaled = tensor.detach().float() * 2.0**exp  # exact: a power of two (see the module docstring)
+        enc = encode_tensor(scaled, target, name=stream or "tensor", **self.predictor.encode_options(stream),
                             **self.options)  # fmt: skip
+        enc.stats["gain_exp"] = exp
         packed = pack(enc)
         self.predictor.update(stream, 8.0 * packed.numel() / enc.numel, target, enc.stats)
         return packed, enc
@@ -129,4 +152,8 @@ class InflightCodec:
     def decode(
         enc: EncodedTensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        return decode_tensor(enc, device=device, dtype=dtype, name=enc.meta.get("name", "tensor"))
+        out = decode_tensor(enc, device=device, dtype=torch.float32, name=enc.meta.get("name", "tensor"))
+        exp = int(enc.stats.get("gain_exp", 0))
+        if exp:
+            out = out * 2.0**-exp
+        return out if dtype is None or dtype == torch.float32 else out.to(dtype)
