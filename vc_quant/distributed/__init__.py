@@ -17,11 +17,12 @@ from vc_quant.distributed.ddp import (
     use_with_accelerate,
     vc_allreduce_hook,
 )
-from vc_quant.distributed.inflight import InflightCodec, WireStats, pack, unpack
+from vc_quant.distributed.inflight import InflightCodec, InflightRecord, WireStats, pack, unpack
 from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
 __all__ = [
     "InflightCodec",
+    "InflightRecord",
     "StageBoundary",
     "VcHookState",
     "WireStats",

@@ -62,10 +62,19 @@ class WireStats:
         return 8.0 * self.bytes / max(self.elements, 1)
 
 
-def pack(enc: EncodedTensor) -> torch.Tensor:
+@dataclass
+class InflightRecord:
+    """A tensor in flight: its codec record and the power-of-two gain applied before encoding."""
+
+    enc: EncodedTensor
+    gain_exp: int = 0
+
+
+def pack(record: InflightRecord) -> torch.Tensor:
     """A record as one flat uint8 tensor (what is sent)."""
+    enc = record.enc
     meta = dump_meta(enc.meta)
-    header = _HEADER.pack(len(meta), int(enc.stats.get("gain_exp", 0)))
+    header = _HEADER.pack(len(meta), record.gain_exp)
     parts = [
         torch.frombuffer(bytearray(header + meta), dtype=torch.uint8),
         enc.center.contiguous().reshape(-1).view(torch.uint8),
@@ -75,7 +84,7 @@ def pack(enc: EncodedTensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def unpack(buf: torch.Tensor, name: str = "tensor") -> EncodedTensor:
+def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
     """Inverse of :func:`pack`; the record is verified (sizes, layout, checksum) before it is returned."""
     data = buf.detach().cpu().contiguous()
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < _HEADER.size:
@@ -100,8 +109,7 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> EncodedTensor:
     step = data[start + width : start + 2 * width].clone().view(dtype).reshape(count, 1)
     enc = EncodedTensor(data[start + 2 * width :].clone(), center, step, meta)
     enc.verify(name)
-    enc.stats["gain_exp"] = gain_exp
-    return enc
+    return InflightRecord(enc, gain_exp)
 
 
 def gain_exponent(x: torch.Tensor) -> int:
@@ -134,7 +142,7 @@ class InflightCodec:
 
     def encode(
         self, tensor: torch.Tensor, stream: str = "", bits: float | None = None
-    ) -> tuple[torch.Tensor, EncodedTensor]:
+    ) -> tuple[torch.Tensor, InflightRecord]:
         """``(packed bytes, record)`` of ``tensor`` at ``bits`` (default ``self.bits``)."""
         if not tensor.is_floating_point():
             raise VcInputError(f"{stream or 'tensor'}: in-flight compression needs a float tensor, got {tensor.dtype}")
@@ -143,17 +151,17 @@ class InflightCodec:
         scaled = tensor.detach().float() * 2.0**exp  # exact: a power of two (see the module docstring)
         enc = encode_tensor(scaled, target, name=stream or "tensor", **self.predictor.encode_options(stream),
                             **self.options)  # fmt: skip
-        enc.stats["gain_exp"] = exp
-        packed = pack(enc)
+        record = InflightRecord(enc, exp)
+        packed = pack(record)
         self.predictor.update(stream, 8.0 * packed.numel() / enc.numel, target, enc.stats)
-        return packed, enc
+        return packed, record
 
     @staticmethod
     def decode(
-        enc: EncodedTensor, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        record: InflightRecord, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ) -> torch.Tensor:
+        enc = record.enc
         out = decode_tensor(enc, device=device, dtype=torch.float32, name=enc.meta.get("name", "tensor"))
-        exp = int(enc.stats.get("gain_exp", 0))
-        if exp:
-            out = out * 2.0**-exp
+        if record.gain_exp:
+            out = out * 2.0**-record.gain_exp
         return out if dtype is None or dtype == torch.float32 else out.to(dtype)
