@@ -1,13 +1,14 @@
 """Installs ``vc_quant-autoload.pth`` into site-packages next to the package (see _vc_quant_autoload.py).
 
-Everything else is in setup.cfg. The .pth file is added to the regular wheel (build_py)
-and to the editable one (``pip install -e``), so both put it where Python reads it.
+Also builds the rANS codec's native kernels (see NATIVE). Everything else is in setup.cfg. The .pth
+file is added to the regular wheel (build_py) and to the editable one (``pip install -e``), so both put
+it where Python reads it.
 """
 
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
@@ -32,4 +33,17 @@ class EditableWithAutoload(editable_wheel):
         shutil.copy(PTH, Path(installation_dir) / PTH)
 
 
-setup(cmdclass={"build_py": BuildWithAutoload, "editable_wheel": EditableWithAutoload})
+# The rANS codec's kernels: a plain C library loaded with ctypes (no Python API). No -ffast-math and
+# no FMA contraction, so the encoder's float arithmetic, and its bitstreams, are the same on every
+# machine; -O3 lets the compiler vectorise the rotation loops.
+NATIVE = Extension(
+    "vc_quant.codec.rans._native",
+    sources=["vc_quant/codec/rans/_native.c"],
+    extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"],
+    libraries=["m"],
+)
+
+setup(
+    cmdclass={"build_py": BuildWithAutoload, "editable_wheel": EditableWithAutoload},
+    ext_modules=[NATIVE],
+)

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from vc_quant.codec.backends import EncoderSettings, get_backend
-from vc_quant.codec.backends.pyav import av1_log2_step
+from vc_quant.codec.video.backends import EncoderSettings, get_backend
+from vc_quant.codec.video.backends.pyav import av1_log2_step
 
 
 def main() -> None:

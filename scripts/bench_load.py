@@ -43,7 +43,7 @@ ARCHS = {
 
 def probe() -> None:
     """Print NVDEC status and the PyNvVideoCodec API this machine has (for debugging)."""
-    from vc_quant.codec.backends.nvcodec import nvdec_status
+    from vc_quant.codec.video.backends.nvcodec import nvdec_status
 
     print("nvdec_status:", nvdec_status())
     try:
@@ -63,7 +63,7 @@ def probe() -> None:
     print("PacketData attributes:", [n for n in dir(nvc.PacketData()) if not n.startswith("_")])
     print("DecodedFrame attributes:", [n for n in dir(nvc.DecodedFrame) if not n.startswith("_")])
     from vc_quant import encode_tensor
-    from vc_quant.codec.backends.nvcodec import _Session
+    from vc_quant.codec.video.backends.nvcodec import _Session
 
     enc = encode_tensor(torch.randn(300, 576) * 0.02, 3.0)
     print("VideoPacketFlag:", [n for n in dir(nvc.VideoPacketFlag) if not n.startswith("_")])
@@ -176,8 +176,8 @@ def load_records(path: Path):
 
 def decode_throughput(records, sessions_list: list[int], cpu: bool) -> list[dict]:
     from vc_quant.codec import decode_tensor
-    from vc_quant.codec import frames as fr
-    from vc_quant.codec.backends.nvcodec import NvdecDecoderPool, decode_canvas_nvdec
+    from vc_quant.codec.video import frames as fr
+    from vc_quant.codec.video.backends.nvcodec import NvdecDecoderPool, decode_canvas_nvdec
 
     samples = sum(fr.FrameLayout.from_dict(e.meta["layout"]).samples for _, e in records)
     values = sum(e.numel for _, e in records)
@@ -320,7 +320,7 @@ def main() -> None:
         return export_real_weights(args.export_real_weights)
     if args.probe:
         return probe()
-    from vc_quant.codec.backends.nvcodec import nvdec_status
+    from vc_quant.codec.video.backends.nvcodec import nvdec_status
 
     status = nvdec_status()
     if not status:

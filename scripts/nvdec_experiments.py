@@ -18,9 +18,9 @@ import time
 import torch
 
 from vc_quant import encode_tensor
-from vc_quant.codec import frames as fr
-from vc_quant.codec.backends import nvcodec as nv
 from vc_quant.codec.decode import decode_frames
+from vc_quant.codec.video import frames as fr
+from vc_quant.codec.video.backends import nvcodec as nv
 
 DEVICE = torch.device("cuda", 0)
 

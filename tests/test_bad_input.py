@@ -26,8 +26,8 @@ from vc_quant import (
     encode_tensor,
 )
 from vc_quant.cli import main as cli
-from vc_quant.codec import frames as fr
 from vc_quant.codec.record import checksum
+from vc_quant.codec.video import frames as fr
 
 KEY = "model.layers.1.mlp.down_proj.weight"
 

@@ -230,10 +230,12 @@ def column_scales(weight: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Te
 
 
 def plan_bits(
-    model, param_names: list[str], budget: float, method: str, scaling: str = "none", **kwargs
-) -> dict[str, TensorPlan]:
+    model, param_names: list[str], budget: float, method: str, scaling: str = "none",
+    r_max: float = BITS_RANGE[1], **kwargs,
+) -> dict[str, TensorPlan]:  # fmt: skip
     """Bits (and column scales) per parameter for ``method`` in {"uniform", "fisher"}, ``scaling`` in
-    {"none", "fisher"}. The Fisher pass runs when either needs it."""
+    {"none", "fisher"}. The Fisher pass runs when either needs it. ``r_max``: the highest rate the
+    codec reaches (:func:`vc_quant.codec.max_rate`); no tensor is planned above it."""
     budget = check_bits(budget)
     if method not in ("uniform", "fisher"):
         raise VcConfigError(f"allocation={method!r}: expected 'uniform' or 'fisher'")
@@ -253,6 +255,7 @@ def plan_bits(
     if method == "uniform":
         rates = [budget] * len(param_names)
     else:
-        rates = allocate_bits([tensors[n].numel() for n in param_names], weights, [1.0] * len(param_names), budget)
+        rates = allocate_bits([tensors[n].numel() for n in param_names], weights, [1.0] * len(param_names), budget,
+                              r_max=max(budget, r_max))  # fmt: skip
         logger.info("fisher allocation: %.2f..%.2f bits per tensor", min(rates), max(rates))
     return {n: TensorPlan(r, scales.get(n)) for n, r in zip(param_names, rates, strict=True)}

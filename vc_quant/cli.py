@@ -1,6 +1,6 @@
 """``vc-quant``: compress | plan | inspect | verify | lm-eval.
 
-vc-quant compress SRC DST --bits 2.5 [--codec av1] [--allocation uniform] [--config PRESET] [--streaming]
+vc-quant compress SRC DST --bits 2.5 [--codec rans|av1] [--allocation uniform] [--config PRESET] [--streaming]
 vc-quant plan SRC -o plan.safetensors --bits 2.5  # Fisher bits + column scales, for --streaming --plan
 vc-quant inspect DST [--all]
 vc-quant verify DST                              # every tensor, every shard, the config; exit 1 on failure
@@ -110,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = VcQuantizationConfig(bits=args.bits)
     names = sorted(quantized_weight_names(Path(args.src), config))
     model = AutoModelForCausalLM.from_pretrained(args.src, dtype=torch.float32)
-    plan = plan_bits(model, names, config.bits, config.allocation, config.scaling)
+    plan = plan_bits(model, names, config.bits, config.allocation, config.scaling, r_max=config.max_rate())
     save_plan(plan, args.output)
     print(f"plan for {len(plan)} weights at {config.bits} bits/weight on average -> {args.output}")
     return 0
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--bits", type=float, default=None, help="all-in bits per weight (default 2.5 or the preset's)")
-    c.add_argument("--codec", choices=["hevc", "av1", "h264"], default=None)
+    c.add_argument("--codec", choices=["hevc", "av1", "h264", "rans"], default=None)
     c.add_argument("--allocation", choices=["fisher", "uniform"], default=None)
     c.add_argument("--scaling", choices=["fisher", "none"], default=None, help="Fisher input-column scaling")
     c.add_argument("--config", help="preset file (configs/*.json|yaml)")

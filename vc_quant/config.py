@@ -17,7 +17,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from vc_quant.codec.decode import DECODE_BACKENDS
-from vc_quant.codec.options import CodecOptions, check_bits
+from vc_quant.codec.options import CodecOptions, check_bits, max_rate
 from vc_quant.codec.record import FORMAT_VERSION
 from vc_quant.errors import VcConfigError
 from vc_quant.format import QUANT_METHOD
@@ -25,23 +25,26 @@ from vc_quant.nn.linear import check_resident
 
 #: module names never quantized unless a user override names them explicitly
 DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head", "embed_tokens", "wte", "wpe", "embed_positions"]
-_CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile", "encoder_params")
+_CODEC_FIELDS = ("codec", "preset", "rotation", "seed", "scale", "tile", "encoder_params", "quantizer")
 ALLOCATIONS = ("uniform", "fisher")
 SCALINGS = ("none", "fisher")
 _D = CodecOptions.default
 
 
 class VcQuantizationConfig(QuantizationConfigMixin):
-    """Video-codec quantization of the linear layers of a transformers model.
+    """Quantization of the linear layers of a transformers model with a tensor codec.
 
     Args:
         bits: target all-in bits per weight (bitstream + scales + metadata), fractional,
             in :data:`~vc_quant.codec.BITS_RANGE`; the average over all quantized weights lands on it.
-        codec, preset, rotation, seed, scale, tile, encoder_params: tensor-codec options
-            (see :class:`vc_quant.CodecOptions`; defaults are the measured best).
-            ``codec``: ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"`` or ``"h264"``.
-            ``encoder_params``: extra encoder parameters from the codec's allowlist; ``None``
-            (default) means the codec's measured default (HEVC: ``"rdoq-level=2"``).
+        codec, rotation, seed, scale: tensor-codec options of both families (see
+            :class:`vc_quant.CodecOptions`; defaults are the measured best).
+            ``codec``: a video codec — ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"``,
+            ``"h264"`` — or ``"rans"``, the dedicated tensor codec (trellis quantization and
+            interleaved rANS; Triton-decoded on GPUs).
+        preset, tile, encoder_params: video codecs only (``None``: the codec's measured default;
+            ``encoder_params`` is an allowlist, HEVC's default ``"rdoq-level=2"``).
+        quantizer: ``codec="rans"`` only: ``"dq"`` (trellis-coded, default) or ``"scalar"``.
         modules_to_not_convert: extra module names (or name fragments) kept in full
             precision. They are **merged** with the defaults (``lm_head``, embeddings,
             tied weights), never replace them.
@@ -62,20 +65,22 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             (only the compressed bytes; decoded just in time, ``prefetch`` layers ahead).
             A loading attribute: it may be changed when loading a saved checkpoint.
         prefetch: bitstream mode: linear layers decoded ahead of the one running.
-        decode_backend: ``"auto"`` (NVDEC on a CUDA device when available, else the
-            CPU), ``"cpu"`` or ``"nvdec"`` (fail if unavailable). A loading attribute.
+        decode_backend: ``"auto"`` (on a CUDA device NVDEC for video codecs, Triton for rANS,
+            when available; else the CPU), ``"cpu"``, ``"nvdec"`` or ``"triton"`` (fail if
+            unavailable). A loading attribute.
     """
 
     def __init__(
         self,
         bits: float = 2.5,
         codec: str = _D("codec"),
-        preset: str = _D("preset"),
+        preset: str | None = _D("preset"),
         rotation: bool = _D("rotation"),
         seed: int = _D("seed"),
         scale: str = _D("scale"),
-        tile: int = _D("tile"),
+        tile: int | None = _D("tile"),
         encoder_params: str | None = _D("encoder_params"),
+        quantizer: str | None = _D("quantizer"),
         modules_to_not_convert: list[str] | None = None,
         overrides: dict[str, float] | None = None,
         min_numel: int = 0,
@@ -98,6 +103,7 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         self.scale = scale
         self.tile = tile
         self.encoder_params = encoder_params
+        self.quantizer = quantizer
         self.modules_to_not_convert = [] if modules_to_not_convert is None else modules_to_not_convert
         self.overrides = {} if overrides is None else overrides
         self.min_numel = min_numel
@@ -167,13 +173,18 @@ class VcQuantizationConfig(QuantizationConfigMixin):
         except VcConfigError as exc:
             raise VcConfigError(f"VcQuantizationConfig: {exc}") from exc
         if self.decode_backend == "nvdec":
-            from vc_quant.codec.backends.nvcodec import NVDEC_CODECS
+            from vc_quant.codec.video.backends.nvcodec import NVDEC_CODECS
 
             if self.codec not in NVDEC_CODECS:
                 raise VcConfigError(
                     f"decode_backend='nvdec' with codec={self.codec!r}: the NVDEC path decodes {NVDEC_CODECS}; "
                     "use decode_backend='cpu' or 'auto'"
                 )
+        if self.decode_backend == "triton" and self.codec != "rans":
+            raise VcConfigError(
+                f"decode_backend='triton' with codec={self.codec!r}: the Triton decoder decodes codec='rans'; "
+                "use decode_backend='cpu', 'nvdec' or 'auto'"
+            )
 
     def uses_fisher(self) -> bool:
         """Whether quantizing runs the Fisher pass (for the allocation or the column scales)."""
@@ -194,6 +205,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
 
     def codec_options(self) -> CodecOptions:
         return CodecOptions(**self.codec_kwargs())
+
+    def max_rate(self) -> float:
+        """The highest rate per tensor the codec reaches (the bit allocation plans below it)."""
+        return max_rate(self.codec_options())
 
     def override_for(self, module_name: str) -> float | None:
         """Bits of the first override matching ``module_name``, or None."""

@@ -196,3 +196,98 @@ def test_batched_decode_refuses_mixed_records(gaussian):
     a, b = encode_tensor(gaussian(64, 64), 3.0), encode_tensor(gaussian(64, 96), 3.0)
     with pytest.raises(VcConfigError, match="differ"):
         decode_tensors_alike([a, b])
+
+
+# --- the rANS family through the same entry points -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 256), (300, 17), (4, 8, 96), (1000,), (3,), ()])
+def test_rans_round_trip_shapes_and_dtypes(shape, dtype):
+    g = torch.Generator().manual_seed(len(shape))
+    t = (torch.randn(shape, generator=g) * 0.05).to(dtype)
+    enc = encode_tensor(t, 4.0, codec="rans")
+    out = decode_tensor(enc)
+    assert out.shape == t.shape and out.dtype == dtype
+    assert rel_mse(out, t) < 0.02
+
+
+@pytest.mark.parametrize("bits", [1.5, 2.5, 4.0, 5.5])
+def test_rans_rate_lands_within_a_hundredth(gaussian, bits):
+    enc = encode_tensor(gaussian(512, 512, seed=int(bits * 10)), bits, codec="rans")
+    assert abs(enc.bits_per_value - bits) <= 0.01  # all-in, metadata and step counted
+
+
+def test_rans_rate_saturates_where_int8_reconstruction_ends(gaussian, caplog):
+    enc = encode_tensor(gaussian(512, 512), 7.0, codec="rans")
+    assert 5.5 < enc.bits_per_value < 7.0  # the finest step that keeps the peak inside int8 (measured ~5.9)
+    assert "misses the target" in caplog.text
+
+
+@pytest.mark.parametrize("options", [{"rotation": False}, {"scale": "row"}, {"quantizer": "scalar"}, {"seed": 5}])
+def test_rans_options_round_trip(gaussian, options):
+    w = gaussian(400, 512, seed=3)
+    enc = encode_tensor(w, 3.0, codec="rans", **options)
+    assert abs(enc.bits_per_value - 3.0) <= 0.01
+    assert rel_mse(decode_tensor(enc), w) < 0.03  # measured 0.019-0.024 (Shannon bound 0.0156)
+
+
+def test_rans_is_deterministic_and_seeded(gaussian):
+    w = gaussian(300, 320, seed=2)
+    a, b = encode_tensor(w, 2.5, codec="rans", seed=7), encode_tensor(w, 2.5, codec="rans", seed=7)
+    assert torch.equal(a.bitstream, b.bitstream) and a.meta == b.meta
+    assert not torch.equal(a.bitstream, encode_tensor(w, 2.5, codec="rans", seed=8).bitstream)
+
+
+def test_rans_beats_hevc_at_equal_rate(gaussian):
+    w = gaussian(512, 512, seed=5)
+    errs = {codec: rel_mse(decode_tensor(encode_tensor(w, 3.0, codec=codec)), w) for codec in ("rans", "hevc")}
+    assert errs["rans"] < 0.8 * errs["hevc"]  # measured ~0.65x on Gaussian and real matrices
+
+
+def test_rans_samples_are_the_int8_reconstruction(gaussian):
+    from vc_quant.codec import decode_samples
+
+    w = gaussian(256, 512)
+    enc = encode_tensor(w, 3.0, codec="rans")
+    samples = decode_samples(enc)
+    assert samples.dtype == torch.int8 and samples.shape == (256, 512)
+    assert torch.allclose(enc.dequantize_samples(samples), decode_tensor(enc), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"codec": "rans", "preset": "slow"}, "preset='slow' is an option of the video codecs"),
+        ({"codec": "rans", "tile": 512}, "tile=512 is an option of the video codecs"),
+        ({"codec": "rans", "qp": 20}, "qp=20 is an option of the video codecs"),
+        ({"codec": "rans", "quantizer": "tcq"}, "quantizer='tcq'"),
+        ({"codec": "hevc", "quantizer": "dq"}, "quantizer='dq' is an option of the rANS codecs"),
+        ({"codec": "rans", "bits": None}, "give bits"),
+    ],
+)
+def test_options_of_the_other_family_are_refused(options, match):
+    options = {"bits": 3.0, **options}
+    with pytest.raises(VcConfigError, match=match):
+        encode_tensor(torch.ones(16, 16), **options)
+
+
+def test_merged_defaults_follow_the_chosen_codec():
+    from vc_quant.codec.options import merge_defaults
+
+    defaults = {"av1": {"preset": "12", "encoder_params": ""}, "rans": {"quantizer": "scalar"}}
+    assert merge_defaults({"codec": "rans"}, defaults, "av1") == {"codec": "rans", "quantizer": "scalar"}
+    assert merge_defaults({}, defaults, "av1") == {"codec": "av1", "preset": "12", "encoder_params": ""}
+
+
+@pytest.mark.slow
+def test_rans_on_real_weights_beats_the_video_codecs(smollm2_state):
+    """SmolLM2 layer-10 down_proj at 2.5 bpw: measured rel. MSE rans 0.036, hevc 0.053, av1 ~0.047."""
+    w = smollm2_state["model.layers.10.mlp.down_proj.weight"]
+    enc = encode_tensor(w, 2.5, codec="rans")
+    assert abs(enc.bits_per_value - 2.5) <= 0.01
+    err = rel_mse(decode_tensor(enc), w)
+    hevc = encode_tensor(w, 2.5, codec="hevc")
+    err_hevc = rel_mse(decode_tensor(hevc), w) * 2 ** (2 * (hevc.bits_per_value - enc.bits_per_value))
+    assert err < 0.85 * err_hevc  # the issue's target at equal rate
+    assert err / 2 ** (-2 * enc.bits_per_value) < 1.3  # MSE x Gaussian bound (measured 1.16)

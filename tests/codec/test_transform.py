@@ -40,22 +40,3 @@ def test_fwht_matches_dense_hadamard():
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     x = torch.randn(4, n, dtype=torch.float64)
     assert torch.allclose(tf.fwht(x), x @ h.t() / n**0.5, atol=1e-12)
-
-
-@pytest.mark.parametrize("per_row", [True, False])
-@pytest.mark.parametrize("amplitude", [1.0, 0.9])
-def test_pixel_map_error_is_at_most_half_a_step(per_row, amplitude):
-    x = torch.randn(40, 300) * torch.linspace(0.1, 3, 40).unsqueeze(1)
-    center, step = tf.pixel_map(x, amplitude, per_row)
-    px = tf.to_pixels(x, center, step)
-    assert px.dtype == torch.uint8
-    xh = tf.from_pixels(px, center, step)
-    assert ((xh - x).abs() <= step.float() * 0.5 + 1e-6).all()
-    used = int(px.max()) - int(px.min())
-    assert used >= int(250 * amplitude) - 2  # the amplitude knob controls the range used
-
-
-def test_pixel_map_constant_input():
-    x = torch.full((3, 10), 0.25)
-    center, step = tf.pixel_map(x, 1.0, per_row=True)
-    assert torch.equal(tf.from_pixels(tf.to_pixels(x, center, step), center, step), x)

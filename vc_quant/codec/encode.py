@@ -1,34 +1,26 @@
-"""encode_tensor: a tensor → an intra-coded video bitstream record at a fractional bit rate.
+"""encode_tensor: the one encode entry point of both codec families.
 
-Pipeline: tensor → 2-D ``(rows, cols)`` (:func:`~vc_quant.codec.record.matrix_shape`)
-→ seeded rotation along ``cols`` → 8-bit pixels (affine map, amplitude from rate
-control) → 4:2:0 frames → one intra-coded access unit per frame.
+Shared by both families: input checks, the 2-D view (:func:`~vc_quant.codec.record.matrix_shape`),
+the Fisher column scales, the seeded rotation along the columns and the record's metadata;
+then :func:`~vc_quant.codec.video.encode.encode_video` (8-bit pixels → intra-coded frames) or
+:func:`~vc_quant.codec.rans.encode.encode_rans` (rate–distortion quantization → interleaved rANS).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from vc_quant.codec import frames as fr
 from vc_quant.codec import transform as tf
-from vc_quant.codec.backends import EncoderSettings, VideoBackend, get_backend
 from vc_quant.codec.options import CodecOptions, check_bits
-from vc_quant.codec.ratecontrol import Trial, search_rate, split_log_step
-from vc_quant.codec.record import FLOAT_DTYPES, FORMAT_VERSION, EncodedTensor, checksum, matrix_shape
+from vc_quant.codec.record import FLOAT_DTYPES, FORMAT_VERSION, EncodedTensor, matrix_shape
 from vc_quant.errors import VcConfigError, VcInputError
 
 logger = logging.getLogger(__name__)
 
-_SAMPLE_MIN_VALUES = 216 * 144  # rate probes encode at least one smallest frame …
-_SAMPLE_FRACTION = 1 / 16  # … or this share of the tensor, whichever is larger
-_MIN_RATE_CONTROLLED = 1 << 14  # smaller tensors: one encode at the predicted step
 # values within this factor of their dtype's largest finite value are refused: the
-# rotation and the pixel map's rounding can move a reconstructed value past the limit
+# rotation and the quantizer's rounding can move a reconstructed value past the limit
 _RANGE_HEADROOM = 4.0
 
 
@@ -62,174 +54,49 @@ def _as_matrix(t: torch.Tensor, name: str) -> torch.Tensor:
     return torch.cat([flat, flat[-1:].expand(rows * cols - flat.numel())]).reshape(rows, cols)
 
 
-@dataclass
-class _Prepared:
-    """Everything about a tensor that does not depend on the rate."""
-
-    x: torch.Tensor  # (rows, cols) float32 after rotation
-    per_row: bool
-    layout: fr.FrameLayout
-    meta: dict
-    backend: VideoBackend
-    settings: EncoderSettings
-    col_scale: torch.Tensor | None = None  # fp16 (cols,), stored with the record
-
-
-def _encode_at(p: _Prepared, x: torch.Tensor, layout: fr.FrameLayout, qp: int, center, step) -> list[bytes]:
-    frames = [f.numpy() for f in fr.pack(tf.to_pixels(x, center, step), layout)]
-    return p.backend.encode(frames, qp, p.settings)
-
-
-def _encode_full(p: _Prepared, qp: int, amplitude: float) -> EncodedTensor:
-    """Map the whole tensor to pixels at ``amplitude``, encode at ``qp``, build the record."""
-    center, step = tf.pixel_map(p.x, amplitude, p.per_row)
-    return _record(p, _encode_at(p, p.x, p.layout, qp, center, step), center, step, qp)
-
-
-def _record(p: _Prepared, packets: list[bytes], center, step, qp: int) -> EncodedTensor:
-    bitstream = torch.frombuffer(bytearray(b"".join(packets)), dtype=torch.uint8)
-    meta = dict(p.meta, frame_bytes=[len(b) for b in packets], qp=qp)
-    enc = EncodedTensor(bitstream, center, step, meta, col_scale=p.col_scale)
-    enc.meta["crc32"] = checksum(enc)
-    return enc
-
-
 def encode_tensor(
     t: torch.Tensor, bits: float | None, *, name: str = "tensor", col_scale: torch.Tensor | None = None, **options
 ) -> EncodedTensor:
     """Compress ``t`` to about ``bits`` all-in bits per value (see :class:`CodecOptions`).
 
-    ``bits=None`` requires ``qp=`` (fixed quantiser, no rate control). ``col_scale``
-    (a 2-D+ tensor's last dimension, > 0; stored as fp16 and counted in the rate) multiplies
-    the columns before encoding; decoding divides them out. The result is deterministic for
-    the same input, bits and options.
+    ``bits=None`` requires ``qp=`` (video codecs: fixed quantiser, no rate control).
+    ``col_scale`` (a 2-D+ tensor's last dimension, > 0; stored as fp16 and counted in the rate)
+    multiplies the columns before encoding; decoding divides them out. The result is
+    deterministic for the same input, bits and options.
     """
     opts = CodecOptions.from_kwargs(**options)
     if bits is None and opts.qp is None:
-        raise VcConfigError(f"{name}: give bits= (target bits per value) or qp= (fixed quantiser)")
+        raise VcConfigError(f"{name}: give bits= (target bits per value) or qp= (fixed quantiser, video codecs)")
     if bits is not None:
         check_bits(bits, f"{name}: bits")
     dtype_name = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else "?"
     mat = _as_matrix(t, name)
-    rows, cols = mat.shape
+    cols = mat.shape[1]
     if col_scale is not None:
         col_scale = col_scale.detach().to("cpu", torch.float16)
         if t.dim() < 2 or tuple(col_scale.shape) != (cols,) or not bool((col_scale > 0).all()):
             raise VcInputError(f"{name}: col_scale must hold {cols} positive values for a 2-D+ tensor")
-        mat = mat * col_scale.float()[None, :]
     rotate = opts.rotation and tf.can_rotate(cols)
-    x = tf.rotate_exact(mat, opts.seed) if rotate else mat
-    backend = get_backend(opts.codec)
-    layout = fr.plan_layout(rows, cols, opts.tile)
     meta = {
         "format": FORMAT_VERSION,
         "name": name,
         "codec": opts.codec,
         "shape": list(t.shape),
         "dtype": dtype_name,
-        "layout": layout.to_dict(),
-        "tile": opts.tile,
         "bits": float(bits) if bits is not None else None,  # the target (a changed weight is re-encoded at it)
         "rotation_seed": opts.seed if rotate else None,
         "scale": opts.scale,
     }
     if col_scale is not None:
         meta["col_scale"] = True
-    settings = EncoderSettings(
-        preset=opts.preset,
-        threads=opts.threads,
-        chroma_qp_match=opts.chroma_qp_match,
-        extra_params=backend.default_params if opts.encoder_params is None else opts.encoder_params,
-    )
-    p = _Prepared(x, opts.scale == "row", layout, meta, backend, settings, col_scale)
+    if opts.family == "rans":
+        from vc_quant.codec.rans.encode import encode_rans
 
-    if opts.qp is not None:
-        enc = _encode_full(p, opts.qp, 1.0)
-        enc.stats = {"full_encodes": 1, "amplitude": 1.0, "rate_controlled": False}
-        return enc
+        x = tf.rotate_fast(mat, opts.seed if rotate else None, col_scale)
+        return encode_rans(x, bits, meta, opts, name, col_scale)
+    from vc_quant.codec.video.encode import encode_video
 
-    target = float(bits)
-    numel = rows * cols
-
-    def knobs(e: float) -> tuple[int, float]:
-        # amplitude in (0.75, 0.84]: headroom both ways for the full encodes below
-        qp = split_log_step(e - 0.25, backend.log2_step, backend.qp_min, backend.qp_max)[0]
-        return qp, min(1.0, 2.0 ** (backend.log2_step(qp) - e))
-
-    # Bits that do not depend on the rate (scales, metadata; the latter from a
-    # template of the final record): the bitstream gets the rest of the budget.
-    center1, step1 = tf.pixel_map(x, 1.0, p.per_row)
-    template = _record(p, [b"\0" * 99_999] * layout.n_frames, center1, step1, 51)
-    side_bits = template.bits_per_value * numel - 8 * template.bitstream.numel()
-
-    # High-rate Gaussian guess: step ≈ σ·sqrt(2πe)·2^-R, in pixels (amplitude 1);
-    # +0.5 is the measured gain of x265's dead-zone/RDOQ quantiser.
-    # σ in pixels at amplitude 1: per-row maps give each row its own step, so measure it
-    # in the pixel domain (a mean step would be dominated by the rows with outliers)
-    sigma_pixels = float(((x - center1.float()) / step1.float()).std()) if numel > 1 else 0.0
-    sigma_pixels = sigma_pixels if sigma_pixels > 0 else 1.0
-    e_start = math.log2(sigma_pixels * 4.13) - target + 0.5
-    e_bounds = (backend.log2_step(backend.qp_min), backend.log2_step(backend.qp_max) + 7.0)
-    e_start = min(max(e_start, e_bounds[0]), e_bounds[1])
-
-    # Small tensors: headers, scales and the smallest legal frame cost more than the
-    # budget, so no rate can be hit; encode once at the step a large tensor would use.
-    if side_bits / numel > 0.25 * target or numel < _MIN_RATE_CONTROLLED or opts.rate_control == "predict":
-        qp, amp = knobs(min(max(e_start + opts.step_offset, e_bounds[0]), e_bounds[1]))
-        enc = _encode_full(p, qp, amp)
-        enc.stats = {"full_encodes": 1, "amplitude": amp, "rate_controlled": False, "target": target}
-        return enc
-
-    sample_rows, sample_shape = _sample_plan(rows, cols, rotate)
-    sample_x = x[sample_rows].reshape(-1)[: math.prod(sample_shape)].reshape(sample_shape)
-    sample_layout = fr.plan_layout(*sample_shape, opts.tile)
-
-    def sample_rate(e: float) -> float:
-        qp, amp = knobs(e)
-        # per-tensor scale: the whole tensor's map, so the sample sees the same step size
-        center, step = tf.pixel_map(sample_x if p.per_row else x, amp, p.per_row)
-        packets = _encode_at(p, sample_x, sample_layout, qp, center, step)
-        return 8 * sum(len(b) for b in packets) / sample_x.numel() + side_bits / numel
-
-    full_qp: list[int] = []
-
-    def full_encode(e: float) -> Trial[EncodedTensor]:
-        # Keep one QP for all full encodes and move only the amplitude: the rate is
-        # continuous in amplitude but jumps a little between QPs (RDO lambda).
-        if not full_qp or not 0.5 <= 2.0 ** (backend.log2_step(full_qp[0]) - e) <= 1.0:
-            full_qp[:] = [knobs(e)[0]]
-        qp = full_qp[0]
-        enc = _encode_full(p, qp, min(1.0, 2.0 ** (backend.log2_step(qp) - e)))
-        return Trial(e, enc.bits_per_value, enc)
-
-    best, trials = search_rate(sample_rate, full_encode, target, e_start, opts.tolerance, e_bounds)
-    if abs(best.rate - target) > opts.tolerance:
-        logger.warning("%s: rate %.3f bits/value misses the target %.3f", name, best.rate, target)
-    amplitude = min(1.0, 2.0 ** (backend.log2_step(best.result.meta["qp"]) - best.e))
-    best.result.stats = {"full_encodes": len(trials), "amplitude": amplitude, "rate_controlled": True,
-                         "e_start": e_start, "e_final": best.e}  # fmt: skip
-    return best.result
-
-
-def _sample_plan(rows: int, cols: int, rotated: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Rows to probe the rate on, and the shape to encode them in.
-
-    Evenly spaced blocks of rows keep local 2-D structure. Rotated rows are
-    statistically interchangeable, so the sample is re-shaped to fill exactly one
-    smallest frame instead of paying for padding rows.
-    """
-    want = max(_SAMPLE_MIN_VALUES, int(rows * cols * _SAMPLE_FRACTION))
-    n_rows = min(rows, max(1, math.ceil(want / cols)))
-    if n_rows >= rows:
-        idx = torch.arange(rows)
-    else:
-        n_blocks = min(8, n_rows)
-        block = math.ceil(n_rows / n_blocks)
-        starts = np.linspace(0, rows - block, n_blocks).round().astype(int)
-        idx = torch.from_numpy(np.concatenate([np.arange(s, s + block) for s in starts]))
-    n_values = len(idx) * cols
-    frame_rows = fr.MIN_SIDE * 3 // 2
-    if rotated and n_values >= frame_rows * fr.MIN_SIDE:
-        width = (n_values // frame_rows) // fr.ALIGN * fr.ALIGN
-        return idx, (frame_rows, width)
-    return idx, (len(idx), cols)
+    if col_scale is not None:
+        mat = mat * col_scale.float()[None, :]
+    x = tf.rotate_exact(mat, opts.seed) if rotate else mat
+    return encode_video(x, bits, meta, opts, name, col_scale, rotate)

@@ -1,16 +1,21 @@
-"""The EncodedTensor record: bitstream + affine pixel map + metadata, its checksum and its checks.
+"""The EncodedTensor record both codec families write: bitstream + affine map + metadata, checks.
 
-An optional ``col_scale`` (one fp16 factor per input column, > 0) multiplies the
-columns before the rotation and divides them after decoding: the codec's error, white in
-the scaled domain, lands less on the columns whose errors cost the loss more
-(:mod:`vc_quant.allocation`).
+The map turns decoded int8 *samples* ``S`` (rotated domain) into values:
+``W_rot = center + step · S`` — for the video family ``S`` is ``pixel − 128`` and the map
+is the pixel map (per tensor, or per row with ``scale="row"``); for rANS ``S`` is the
+decoded reconstruction integer, ``center`` is 0 and ``step`` the quantizer step (one
+float32, or fp16 per row). An optional ``col_scale`` (one fp16 factor per input column,
+> 0) multiplies the columns before the rotation and divides them after decoding: the
+codec's error, white in the scaled domain, lands less on the columns whose errors cost the
+loss more (:mod:`vc_quant.allocation`).
 
 A record is untrusted input when it comes from a file: :meth:`EncodedTensor.verify`
-checks, before a single sample is decoded, that the metadata is well formed, that
-the frame layout is exactly the one the encoder plans for the tensor's shape and
-tile (so the decoded pictures cannot be larger than the tensor plus its padding),
-that the frame byte counts add up to the bitstream, and that the CRC32 — which
-covers bitstream, scales and metadata, the tensor's name included — matches.
+checks, before a single sample is decoded, that the metadata is well formed, that the
+bitstream's own layout is exactly the one the encoder plans for the tensor's shape (video:
+the frame layout for the tile, frame byte counts adding up; rANS: header, tables and
+segment offsets, :func:`vc_quant.codec.rans.bitstream.parse`), so nothing decoded can be
+larger than the tensor plus its padding, and that the CRC32 — which covers bitstream,
+scales and metadata, the tensor's name included — matches.
 """
 
 from __future__ import annotations
@@ -22,20 +27,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vc_quant.codec import frames as fr
 from vc_quant.codec import transform as tf
+from vc_quant.codec.video import frames as fr
 from vc_quant.errors import VcCorruptDataError
 
-#: format written by this version; format 1 (no name or tile in the metadata) is still read
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+#: format written by this version (3: the rANS codec); formats 1 (no name or tile in the
+#: metadata) and 2 (video codecs only) are still read
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
+RANS_CODEC = "rans"
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: stored metadata larger than this is refused before it is parsed (real records: < 1 kB + 8 B per frame)
 MAX_META_BYTES = 1 << 20
 _MAX_NUMEL = 1 << 40
 _MAX_DIMS = 8
-_REQUIRED = {"format": int, "codec": str, "shape": list, "dtype": str, "layout": dict, "scale": str,
-             "rotation_seed": (int, type(None)), "frame_bytes": list, "qp": int, "crc32": int}  # fmt: skip
+_REQUIRED = {"format": int, "codec": str, "shape": list, "dtype": str, "scale": str,
+             "rotation_seed": (int, type(None)), "crc32": int}  # fmt: skip
+_REQUIRED_VIDEO = {"layout": dict, "frame_bytes": list, "qp": int}
+_REQUIRED_RANS = {"quantizer": str}
 
 
 def matrix_shape(shape: tuple[int, ...] | list[int]) -> tuple[int, int]:
@@ -132,10 +141,17 @@ class EncodedTensor:
             raise VcCorruptDataError(
                 f"{name}: format version {version!r} is not one of {READABLE_FORMATS}; upgrade vc_quant"
             )
-        for key, kind in _REQUIRED.items():
+        rans = meta.get("codec") == RANS_CODEC
+        if rans and version < 3:
+            raise VcCorruptDataError(f"{name}: a {RANS_CODEC!r} record in format {version} (crafted metadata)")
+        for key, kind in {**_REQUIRED, **(_REQUIRED_RANS if rans else _REQUIRED_VIDEO)}.items():
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 raise VcCorruptDataError(f"{name}: metadata field {key!r} is missing or malformed")
-        self._check_sizes(name)
+        self._check_common(name)
+        if rans:
+            self._check_rans(name)
+        else:
+            self._check_video(name)
         if checksum(self) != meta["crc32"]:
             raise VcCorruptDataError(f"{name}: checksum mismatch (the stored bitstream or scales are corrupted)")
         stored = meta.get("name")
@@ -144,8 +160,8 @@ class EncodedTensor:
                 f"{name}: the record was written for {stored!r}, not {expect_name!r} (swapped or misplaced entries)"
             )
 
-    def _check_sizes(self, name: str) -> None:
-        """Shapes, layout and byte counts agree with each other and with what the encoder plans."""
+    def _check_common(self, name: str) -> None:
+        """Shape, dtype, scale and column scales agree with each other."""
         meta = self.meta
         shape = meta["shape"]
         if len(shape) > _MAX_DIMS or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
@@ -154,7 +170,46 @@ class EncodedTensor:
             raise VcCorruptDataError(f"{name}: metadata shape {shape!r} is implausibly large")
         if meta["dtype"] not in FLOAT_DTYPES or meta["scale"] not in ("tensor", "row"):
             raise VcCorruptDataError(f"{name}: metadata dtype/scale {meta['dtype']!r}/{meta['scale']!r} not supported")
-        rows, cols = matrix_shape(shape)
+        _, cols = matrix_shape(shape)
+        if bool(meta.get("col_scale")) != (self.col_scale is not None):
+            raise VcCorruptDataError(f"{name}: the metadata and the stored entries disagree on a column scale")
+        cs = self.col_scale
+        if cs is not None and (
+            cs.dtype != torch.float16 or tuple(cs.shape) != (cols,) or len(shape) < 2 or not bool((cs > 0).all())
+            or not bool(torch.isfinite(cs).all())
+        ):  # fmt: skip
+            raise VcCorruptDataError(f"{name}: column scale is not {cols} positive finite fp16 values")
+        if self.bitstream.dtype != torch.uint8 or self.bitstream.dim() != 1:
+            raise VcCorruptDataError(f"{name}: bitstream is not a 1-D uint8 tensor")
+
+    def _check_map(self, name: str, want_center: tuple, want_step: tuple) -> None:
+        for label, t, want in (("center", self.center, want_center), ("step", self.step, want_step)):
+            if (tuple(t.shape), t.dtype) != want:
+                raise VcCorruptDataError(f"{name}: {label} is {tuple(t.shape)} {t.dtype}, expected {want[0]} {want[1]}")
+
+    def _check_rans(self, name: str) -> None:
+        """The rANS stream's header, tables and segment offsets fit the tensor; the map is a step."""
+        from vc_quant.codec.rans.bitstream import parse
+
+        meta = self.meta
+        rows, cols = matrix_shape(meta["shape"])
+        stream = parse(self.bitstream.cpu().numpy(), rows * cols, name)
+        if stream.quantizer != meta["quantizer"]:
+            raise VcCorruptDataError(f"{name}: the metadata says quantizer {meta['quantizer']!r}, the stream "
+                                     f"{stream.quantizer!r}")  # fmt: skip
+        per_row = meta["scale"] == "row"
+        self._check_map(name, ((1, 1), torch.float32), ((rows, 1), torch.float16) if per_row else ((1, 1),
+                        torch.float32))  # fmt: skip
+        if float(self.center.reshape(-1)[0]) != 0.0:
+            raise VcCorruptDataError(f"{name}: a rANS record's center must be 0")
+        step = self.step.float()
+        if not bool(torch.isfinite(step).all()) or not bool((step > 0).all()):
+            raise VcCorruptDataError(f"{name}: quantizer step is not positive and finite")
+
+    def _check_video(self, name: str) -> None:
+        """The frame layout is the planner's for (shape, tile) and the frames add up to the bitstream."""
+        meta = self.meta
+        rows, cols = matrix_shape(meta["shape"])
         try:
             layout = self.layout
         except (KeyError, TypeError, ValueError) as exc:
@@ -176,30 +231,33 @@ class EncodedTensor:
             raise VcCorruptDataError(
                 f"{name}: metadata lists {len(frame_bytes)} frame sizes for {layout.n_frames} frames"
             )
-        bitstream = self.bitstream
-        if bitstream.dtype != torch.uint8 or bitstream.dim() != 1 or sum(frame_bytes) != bitstream.numel():
+        if sum(frame_bytes) != self.bitstream.numel():
             raise VcCorruptDataError(
-                f"{name}: bitstream has {bitstream.numel()} bytes, metadata expects {sum(frame_bytes)} "
+                f"{name}: bitstream has {self.bitstream.numel()} bytes, metadata expects {sum(frame_bytes)} "
                 "(truncated or corrupted file)"
             )
         per_row = meta["scale"] == "row"
         want = ((rows, 1), torch.float16) if per_row else ((1, 1), torch.float32)
-        for label, t in (("center", self.center), ("step", self.step)):
-            if (tuple(t.shape), t.dtype) != want:
-                raise VcCorruptDataError(f"{name}: {label} is {tuple(t.shape)} {t.dtype}, expected {want[0]} {want[1]}")
-        if bool(meta.get("col_scale")) != (self.col_scale is not None):
-            raise VcCorruptDataError(f"{name}: the metadata and the stored entries disagree on a column scale")
-        cs = self.col_scale
-        if cs is not None and (
-            cs.dtype != torch.float16 or tuple(cs.shape) != (cols,) or len(shape) < 2 or not bool((cs > 0).all())
-            or not bool(torch.isfinite(cs).all())
-        ):  # fmt: skip
-            raise VcCorruptDataError(f"{name}: column scale is not {cols} positive finite fp16 values")
+        self._check_map(name, want, want)
+
+    @property
+    def is_rans(self) -> bool:
+        return self.meta.get("codec") == RANS_CODEC
 
     def dequantize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded uint8 ``(rows, cols)`` matrix → the tensor (on the pixels' device)."""
+        """Video records: the decoded uint8 ``(rows, cols)`` pixels → the tensor (on the pixels' device)."""
+        from vc_quant.codec.video.pixels import from_pixels
+
+        return self.finish(from_pixels(pixels, self.center, self.step, torch.float32), dtype)
+
+    def dequantize_samples(self, samples: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The int8 rotated-domain ``(rows, cols)`` samples (either family) → the tensor (on their device)."""
+        c, s = self.center.to(samples.device, torch.float32), self.step.to(samples.device, torch.float32)
+        return self.finish(samples.to(torch.float32) * s + c, dtype)
+
+    def finish(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rotated-domain float32 ``(rows, cols)`` values → the tensor: unrotate, unscale, reshape, cast."""
         meta = self.meta
-        x = tf.from_pixels(pixels, self.center, self.step, torch.float32)
         if meta["rotation_seed"] is not None:
             x = tf.unrotate(x, meta["rotation_seed"])
         if self.col_scale is not None:

@@ -25,8 +25,8 @@ from vc_quant import format as fmt
 from vc_quant.allocation import calibration_sequences, plan_bits
 from vc_quant.checkpoint import Checkpoint
 from vc_quant.codec import DecodePool, encode_tensor
-from vc_quant.codec.backends.nvcodec import nvdec_status
 from vc_quant.codec.decode import choose_backend
+from vc_quant.codec.video.backends.nvcodec import nvdec_status
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcConfigError, VcCorruptDataError
 from vc_quant.hf.ops import VcDeserialize, VcQuantize
@@ -335,7 +335,8 @@ class VcHfQuantizer(HfQuantizer):
                 extra = {}
                 if config.calibration:
                     extra["sequences"] = calibration_sequences(model, config.calibration)
-                plan = plan_bits(model, self._deferred, config.bits, config.allocation, config.scaling, **extra)
+                plan = plan_bits(model, self._deferred, config.bits, config.allocation, config.scaling,
+                                 r_max=config.max_rate(), **extra)  # fmt: skip
                 for name, item in plan.items():
                     self.submit_encode(model, name, model.get_parameter(name), bits=item.bits,
                                        col_scale=item.col_scale)  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vc_quant.codec.options import RANS_ONLY, VIDEO_ONLY
 from vc_quant.codec.record import EncodedTensor
 from vc_quant.config import VcQuantizationConfig
 from vc_quant.errors import VcQuantError
@@ -24,13 +25,18 @@ def reencode_options(config: VcQuantizationConfig, old: EncodedTensor | None, mo
     options = config.codec_kwargs()
     if old is None:
         return float(config.bits), options
-    options["col_scale"] = old.col_scale
     meta = old.meta
+    # the record's codec decides the options; the config's options of the other family are dropped
+    drop = VIDEO_ONLY if meta["codec"] == "rans" else RANS_ONLY
+    options = {k: v for k, v in options.items() if k not in drop}
+    options["col_scale"] = old.col_scale
     options.update(codec=meta["codec"], scale=meta["scale"], rotation=meta["rotation_seed"] is not None)
     if meta["rotation_seed"] is not None:
         options["seed"] = meta["rotation_seed"]
     if isinstance(meta.get("tile"), int):
         options["tile"] = meta["tile"]
+    if isinstance(meta.get("quantizer"), str):
+        options["quantizer"] = meta["quantizer"]
     bits = meta.get("bits") or old.bits_per_value
     return float(bits), options
 

@@ -112,10 +112,10 @@ class VcLinear(nn.Linear):
         copies), vectors per row; the inverse column scale (float32) or None."""
         if device not in self._affine_cache:
             c, s = self.weight_center, self.weight_step
-            if c.numel() == 1:
-                c, s = float(c), float(s)
-            else:
-                c, s = c.reshape(-1).float().to(device), s.reshape(-1).float().to(device)
+            # per tensor: a Python float (no copies); per row: a vector (rANS records with a step
+            # per row keep a scalar centre of 0)
+            c = float(c) if c.numel() == 1 else c.reshape(-1).float().to(device)
+            s = float(s) if s.numel() == 1 else s.reshape(-1).float().to(device)
             inv = (1.0 / self.col_scale.float()).to(device) if self.col_scale is not None else None
             self._affine_cache[device] = (c, s, inv)
         return self._affine_cache[device]
@@ -185,8 +185,8 @@ class VcLinear(nn.Linear):
             return self.weight.to(dtype)
         samples = self.weight if self.resident == "int8" else self._decode_samples()
         center, step, inv_scale = self._affine(samples.device)
-        if not isinstance(step, float):
-            center, step = center[:, None], step[:, None]
+        center = center if isinstance(center, float) else center[:, None]
+        step = step if isinstance(step, float) else step[:, None]
         x = samples.to(torch.float32) * step + center
         if self.meta["rotation_seed"] is not None:
             x = tf.unrotate(x, self.meta["rotation_seed"])
@@ -278,7 +278,8 @@ def int8_linear(
     else:
         y = F.linear(xd, samples.to(dtype)) * step_v
     center_v = center.to(dtype) if isinstance(center, torch.Tensor) else center
-    y = y + xr.sum(dim=-1, keepdim=True).to(dtype) * center_v
+    if not (isinstance(center_v, float) and center_v == 0.0):  # rANS records: no centre term
+        y = y + xr.sum(dim=-1, keepdim=True).to(dtype) * center_v
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, samples.shape[0])

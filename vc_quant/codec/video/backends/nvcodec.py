@@ -27,8 +27,8 @@ from functools import lru_cache
 
 import torch
 
-from vc_quant.codec import frames as fr
 from vc_quant.codec.record import EncodedTensor
+from vc_quant.codec.video import frames as fr
 from vc_quant.errors import VcBackendUnavailableError, VcCodecError
 
 logger = logging.getLogger(__name__)

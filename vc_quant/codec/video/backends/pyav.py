@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from vc_quant.codec.backends.base import EncoderSettings, VideoBackend
+from vc_quant.codec.video.backends.base import EncoderSettings, VideoBackend
 from vc_quant.errors import VcCodecError, VcConfigError
 
 # HEVC 4:2:0 chroma QP as a function of qPi = QP + chroma offset (H.265 Table 8-10).

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from vc_quant import decode_tensor, encode_tensor
-from vc_quant.codec import frames as fr
-from vc_quant.codec.backends import nvcodec
 from vc_quant.codec.decode import decode_frames
+from vc_quant.codec.video import frames as fr
+from vc_quant.codec.video.backends import nvcodec
 from vc_quant.errors import VcBackendUnavailableError
 
 REQUIRE_GPU = os.environ.get("VC_QUANT_REQUIRE_GPU", "") not in ("", "0")

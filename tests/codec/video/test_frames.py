@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vc_quant.codec import frames as fr
+from vc_quant.codec.video import frames as fr
 from vc_quant.errors import VcConfigError
 
 

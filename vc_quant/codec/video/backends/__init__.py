@@ -1,6 +1,6 @@
 """Video backends behind a small registry: ``get_backend(name)``."""
 
-from vc_quant.codec.backends.base import (
+from vc_quant.codec.video.backends.base import (
     EncoderSettings,
     VideoBackend,
     available_backends,
@@ -8,7 +8,7 @@ from vc_quant.codec.backends.base import (
     get_backend,
     register_backend,
 )
-from vc_quant.codec.backends.pyav import Av1Backend, H264Backend, HevcBackend
+from vc_quant.codec.video.backends.pyav import Av1Backend, H264Backend, HevcBackend
 
 register_backend("hevc", HevcBackend)
 register_backend("h264", H264Backend)

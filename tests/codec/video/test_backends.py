@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vc_quant import VcConfigError, decode_tensor, encode_tensor
-from vc_quant.codec.backends import EncoderSettings, get_backend
-from vc_quant.codec.backends.pyav import av1_log2_step, svt_preset
+from vc_quant.codec.video.backends import EncoderSettings, get_backend
+from vc_quant.codec.video.backends.pyav import av1_log2_step, svt_preset
 from vc_quant.errors import VcCodecError
 
 

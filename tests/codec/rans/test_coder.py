@@ -1,0 +1,82 @@
+"""The rANS stream: levels → words → levels, by the native decoder and the NumPy reference."""
+
+import numpy as np
+import pytest
+
+from vc_quant.codec.rans import bitstream as bs
+from vc_quant.codec.rans import coder, native, reference
+from vc_quant.codec.rans import quantizer as qz
+from vc_quant.codec.rans import tables as tb
+
+
+def _levels(n: int, quantizer: str, lanes: int, lane_len: int, seed: int = 0, bits: float = 2.5) -> qz.Levels:
+    x = np.random.default_rng(seed).standard_normal(n).astype(np.float32).reshape(1, n)
+    lv, _ = qz.search_step(x, bits, 0.0, quantizer, lanes=lanes, lane_len=lane_len)
+    return lv
+
+
+def _reconstruction(lv: qz.Levels) -> np.ndarray:
+    if lv.quantizer == "scalar":
+        return lv.k
+    r = np.empty(lv.n, dtype=np.int8)
+    native.lib().vc_dq_reconstruct(native.ptr(lv.k), native.ptr(lv.ctx), lv.n, native.ptr(r))
+    return r
+
+
+def _roundtrip(lv: qz.Levels) -> tuple[bs.RansStream, np.ndarray]:
+    packed = bs.pack(coder.encode_stream(lv))
+    stream = bs.parse(np.frombuffer(packed, dtype=np.uint8), lv.n)
+    out = np.empty(lv.n, dtype=np.int8)
+    coder.decode_levels(stream, out)
+    return stream, out
+
+
+@pytest.mark.parametrize("quantizer", ["dq", "scalar"])
+@pytest.mark.parametrize(("n", "lanes", "lane_len"), [(1, 1, 1), (1000, 1, 1000), (5000, 4, 256), (70001, 32, 512),
+                                                      (4096, 64, 64)])  # fmt: skip
+def test_levels_round_trip_exactly(quantizer, n, lanes, lane_len):
+    lv = _levels(n, quantizer, lanes, lane_len)
+    stream, out = _roundtrip(lv)
+    assert np.array_equal(out, _reconstruction(lv))
+    ref = np.empty(lv.n, dtype=np.int8)
+    assert np.array_equal(reference.decode(stream, ref), out)  # the spec-as-code decoder agrees bit for bit
+
+
+def test_decoding_on_several_threads_gives_the_same_integers():
+    lv = _levels(300_000, "dq", 8, 1024)
+    stream, one = _roundtrip(lv)
+    assert stream.n_segments > 4
+    many = np.empty_like(one)
+    coder.decode_levels(stream, many, workers=2)
+    assert np.array_equal(one, many)
+
+
+def test_rate_from_the_tables_is_the_coded_size():
+    lv = _levels(200_000, "dq", 32, 1024, bits=3.0)
+    packed = bs.pack(coder.encode_stream(lv))
+    assert abs(8 * len(packed) - lv.stream_bits()) <= 16 * lv.lanes  # a few bits per lane of rounding
+
+
+def test_constant_input_codes_to_almost_nothing():
+    x = np.zeros((64, 128), dtype=np.float32)
+    lv, _ = qz.search_step(x, 2.0, 0.0, "dq")
+    _, out = _roundtrip(lv)
+    assert not out.any()
+    assert lv.stream_bits() / lv.n < 0.2  # header, one-level tables and lane states only
+
+
+def test_quantize_counts_sums_to_the_scale_and_keeps_every_seen_level():
+    counts = np.zeros(tb.N_LEVELS, dtype=np.int64)
+    counts[tb.LEVEL_MAX - 3 : tb.LEVEL_MAX + 4] = [1, 50, 4000, 100000, 4000, 50, 1]
+    t = tb.quantize_counts(counts)
+    assert int(t.freq.sum()) == tb.PROB_SCALE
+    assert (t.freq >= 1).all() and t.kmin == -3 and t.kmax == 3
+    assert tb.quantize_counts(counts).freq.tolist() == t.freq.tolist()  # deterministic
+
+
+def test_zero_count_levels_inside_the_range_get_no_probability():
+    counts = np.zeros(tb.N_LEVELS, dtype=np.int64)
+    counts[tb.LEVEL_MAX - 2] = 10
+    counts[tb.LEVEL_MAX + 2] = 30
+    t = tb.quantize_counts(counts)
+    assert t.freq.tolist()[1:4] == [0, 0, 0] and int(t.freq.sum()) == tb.PROB_SCALE

@@ -1,0 +1,60 @@
+"""The rANS family's decoders: a record → its int8 samples (reconstruction integers) or the tensor.
+
+* CPU: the native decoder (segments split over threads), then — for the dense tensor — the
+  native fused dequantise + inverse rotation + column unscaling, row by row in cache.
+* CUDA: the Triton decoder writes the samples straight into GPU memory (bit-identical to the
+  CPU decoder); dequantisation and the inverse rotation run in torch on the GPU.
+
+Records are assumed verified (:meth:`~vc_quant.codec.record.EncodedTensor.verify`); the
+stream is still parsed (cheap: header, tables, offsets) and every decoder checks the
+integer invariants of the stream (:mod:`~vc_quant.codec.rans.coder`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vc_quant.codec import transform as tf
+from vc_quant.codec.rans import bitstream as bs
+from vc_quant.codec.rans import coder, native
+from vc_quant.codec.record import FLOAT_DTYPES, EncodedTensor, matrix_shape
+
+
+def stream_of(enc: EncodedTensor, name: str = "tensor") -> bs.RansStream:
+    rows, cols = matrix_shape(enc.meta["shape"])
+    return bs.parse(enc.bitstream.cpu().numpy(), rows * cols, name)
+
+
+def samples_cpu(enc: EncodedTensor, workers: int | None = None, name: str = "tensor") -> np.ndarray:
+    """The int8 ``(rows, cols)`` samples, decoded on the CPU."""
+    rows, cols = matrix_shape(enc.meta["shape"])
+    out = np.empty(rows * cols, dtype=np.int8)
+    coder.decode_levels(stream_of(enc, name), out, workers, name)
+    return out.reshape(rows, cols)
+
+
+def decode_samples_rans(enc: EncodedTensor, device: torch.device, backend: str, workers: int | None = None,
+                        name: str = "tensor") -> torch.Tensor:  # fmt: skip
+    """The int8 samples on ``device``: Triton on CUDA (``backend == "triton"``), else the CPU decoder."""
+    if backend == "triton":
+        from vc_quant.codec.rans.triton_decode import decode_levels_triton
+
+        rows, cols = matrix_shape(enc.meta["shape"])
+        return decode_levels_triton(stream_of(enc, name), device, name=name).reshape(rows, cols)
+    return torch.from_numpy(samples_cpu(enc, workers, name)).to(device)
+
+
+def decode_tensor_rans(
+    enc: EncodedTensor, device: torch.device, dtype: torch.dtype | None, backend: str, workers: int | None = None,
+    name: str = "tensor",
+) -> torch.Tensor:  # fmt: skip
+    """The dense tensor on ``device`` in ``dtype`` (default: the record's)."""
+    if backend == "triton" or enc.meta["scale"] == "row" or not native.status():
+        return enc.dequantize_samples(decode_samples_rans(enc, device, backend, workers, name), dtype)
+    samples = samples_cpu(enc, workers, name)
+    x = torch.from_numpy(tf.unrotate_levels(samples, float(enc.step.reshape(())), enc.meta["rotation_seed"],
+                                            enc.col_scale))  # fmt: skip
+    n = samples.size if len(enc.meta["shape"]) >= 2 else int(np.prod(enc.meta["shape"]))
+    out_dtype = dtype or FLOAT_DTYPES.get(enc.meta["dtype"], torch.float32)
+    return x.reshape(-1)[:n].reshape(enc.meta["shape"]).to(device=device, dtype=out_dtype)
