@@ -4,7 +4,8 @@ Perplexity follows the protocol of the GPTQ/AWQ/QuIP# papers: the raw test text
 joined with blank lines, tokenized once, cut into non-overlapping windows of
 ``seqlen`` tokens; perplexity = exp(mean token NLL over all windows). With
 ``bos=True`` each window starts with the BOS token followed by ``seqlen - 1``
-text tokens (the BOS position is not scored).
+text tokens (the BOS position is not scored); tokenizers without a BOS token (Qwen2)
+start windows with their EOS token, the document separator they were trained with.
 """
 
 from __future__ import annotations
@@ -51,9 +52,10 @@ def token_windows(tokenizer, text: str, seqlen: int, max_windows: int | None, bo
         raise VcInputError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     windows = ids[: n * body].reshape(n, body)
     if bos:
-        if tokenizer.bos_token_id is None:
-            raise VcConfigError("bos=True but the tokenizer has no BOS token; pass bos=False")
-        windows = torch.cat([torch.full((n, 1), tokenizer.bos_token_id), windows], dim=1)
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise VcConfigError("bos=True but the tokenizer has neither a BOS nor an EOS token; pass bos=False")
+        windows = torch.cat([torch.full((n, 1), start), windows], dim=1)
     return windows
 
 

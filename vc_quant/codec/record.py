@@ -197,9 +197,12 @@ class EncodedTensor:
         if stream.quantizer != meta["quantizer"]:
             raise VcCorruptDataError(f"{name}: the metadata says quantizer {meta['quantizer']!r}, the stream "
                                      f"{stream.quantizer!r}")  # fmt: skip
-        per_row = meta["scale"] == "row"
+        # one float32 step, or an fp16 step per row (scale="row", or rows that needed a coarser step)
+        per_row = tuple(self.step.shape) != (1, 1)
         self._check_map(name, ((1, 1), torch.float32), ((rows, 1), torch.float16) if per_row else ((1, 1),
                         torch.float32))  # fmt: skip
+        if meta["scale"] == "row" and not per_row:
+            raise VcCorruptDataError(f"{name}: scale='row' but one step for the tensor")
         if float(self.center.reshape(-1)[0]) != 0.0:
             raise VcCorruptDataError(f"{name}: a rANS record's center must be 0")
         step = self.step.float()

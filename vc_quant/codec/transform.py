@@ -168,9 +168,11 @@ def rotate_fast(x: torch.Tensor, seed: int | None, col_scale: torch.Tensor | Non
 
 
 def unrotate_levels(
-    levels: np.ndarray, step: float, seed: int | None, col_scale: torch.Tensor | None = None
+    levels: np.ndarray, step: float | np.ndarray, seed: int | None, col_scale: torch.Tensor | None = None
 ) -> np.ndarray:
-    """``unrotate(levels * step) / col_scale`` in float32 by the native kernels (``levels``: int8 rows × cols)."""
+    """``unrotate(levels * step) / col_scale`` in float32 by the native kernels.
+
+    ``levels``: int8 rows × cols; ``step``: one step, or a float32 array with one per row."""
     from vc_quant.codec.rans import native
 
     rows, n = levels.shape
@@ -180,7 +182,9 @@ def unrotate_levels(
     if seed is not None:
         signs, q, m, p = _native_factors(n, seed)
     cs = np.ascontiguousarray(col_scale.detach().cpu().float().numpy()) if col_scale is not None else None
-    if native.lib().vc_unrotate_levels(native.ptr(levels), np.float32(step), native.ptr(out), rows, m, p,
+    per_row = np.ascontiguousarray(step, dtype=np.float32).reshape(-1) if np.ndim(step) else None
+    scalar = np.float32(0.0 if per_row is not None else step)
+    if native.lib().vc_unrotate_levels(native.ptr(levels), scalar, native.ptr(per_row), native.ptr(out), rows, m, p,
                                        native.ptr(signs), native.ptr(q), native.ptr(cs)) != 0:  # fmt: skip
         raise MemoryError("unrotate_levels: out of memory")
     return out

@@ -28,6 +28,9 @@ def test_native_rotation_matches_the_torch_rotation(n):
     back = torch.from_numpy(tf.unrotate_levels(levels.numpy(), 0.01, 3, scale.half()))
     want = tf.unrotate(levels.double() * 0.01, 3) / scale.half().double()
     assert torch.allclose(back.double(), want, atol=1e-5)
+    steps = torch.rand(9) * 0.02 + 0.001  # one step per row
+    back = torch.from_numpy(tf.unrotate_levels(levels.numpy(), steps.numpy(), 3))
+    assert torch.allclose(back.double(), tf.unrotate(levels.double() * steps.double()[:, None], 3), atol=1e-5)
 
 
 def test_native_rotation_is_deterministic():

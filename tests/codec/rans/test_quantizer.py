@@ -56,13 +56,23 @@ def test_search_is_deterministic():
     assert a.step == b.step and np.array_equal(a.k, b.k)
 
 
-def test_levels_never_leave_the_int8_range():
+def test_rows_too_large_for_int8_get_their_own_step():
     x = _gaussian(64, 512)
-    x[0, 0] = 1e4  # an outlier the rotation did not spread
-    lv, _ = qz.search_step(x, 7.5, 0.0, "dq")
+    x[5] *= 40.0  # a row 40x the others (rotated Qwen2.5 weights: up to 16x)
+    lv, _ = qz.search_step(x, 4.0, 0.0, "dq")
     r = np.where(lv.ctx == 1, 2 * lv.k.astype(np.int64) - np.sign(lv.k), 2 * lv.k.astype(np.int64))
     assert np.abs(r).max() <= 127
-    assert lv.step >= 1e4 / 127.0  # the step floor that keeps the outlier representable
+    assert lv.row_steps is not None
+    assert lv.row_steps[5] >= np.abs(x[5]).max() / 127  # the big row: the finest step that holds its peak
+    others = np.delete(lv.row_steps, 5)
+    assert np.all(others == np.float32(np.float16(lv.step)))  # every other row keeps the tensor's step
+    err = ((r.reshape(x.shape) * lv.row_steps[:, None] - x) ** 2).sum(axis=1)
+    assert np.delete(err, 5).sum() / (np.delete(x, 5, axis=0) ** 2).sum() < 0.007  # ~4 bits everywhere else
+
+
+def test_one_step_when_every_row_fits():
+    lv, _ = qz.search_step(_gaussian(64, 512), 3.0, 0.0, "dq")
+    assert lv.row_steps is None
 
 
 def test_small_tensors_get_fewer_lanes():

@@ -99,10 +99,10 @@ int vc_rotate_rows(const float *x, float *out, int64_t rows, int64_t m, int64_t 
     return 0;
 }
 
-/* Inverse rotation of reconstruction integers: out = unrotate(levels * step) / coldiv.
- * Row by row, so the row stays in cache between the steps. */
-int vc_unrotate_levels(const int8_t *levels, float step, float *out, int64_t rows, int64_t m, int64_t p,
-                       const float *signs, const float *q, const float *coldiv) {
+/* Inverse rotation of reconstruction integers: out = unrotate(levels * step) / coldiv, the step
+ * per row when row_steps is not NULL. Row by row, so the row stays in cache between the steps. */
+int vc_unrotate_levels(const int8_t *levels, float step, const float *row_steps, float *out, int64_t rows, int64_t m,
+                       int64_t p, const float *signs, const float *q, const float *coldiv) {
     int64_t n = m * p;
     float *work = (float *)malloc(sizeof(float) * (size_t)n * 2);
     if (!work) return -1;
@@ -111,7 +111,8 @@ int vc_unrotate_levels(const int8_t *levels, float step, float *out, int64_t row
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *src = levels + r * n;
         float *dst = out + r * n;
-        for (int64_t i = 0; i < n; i++) z[i] = (float)src[i] * step;
+        float st = row_steps ? row_steps[r] : step;
+        for (int64_t i = 0; i < n; i++) z[i] = (float)src[i] * st;
         if (signs) {
             float *t = z;
             if (m > 1) {
@@ -159,7 +160,7 @@ void vc_sq_quantize(const float *x, int64_t n, float inv_step, double lambda, co
         hist[ks + LEVEL_MAX]++;
         err += d * d;
     }
-    *sqerr += err;
+    if (sqerr) *sqerr += err;
 }
 
 /* Dependent (trellis-coded) quantization along every lane of every segment: a Viterbi
@@ -297,15 +298,17 @@ int vc_dq_quantize(const float *x, int64_t n, float inv_step, int G, int64_t lan
             dq_backward_step(lanes, ke0 + o, ko0 + o, ke1 + o, ko1 + o, choice + o, state, k_out + s0 + o,
                              ctx_out + s0 + o);
         }
-        for (int64_t i = s0; i < s0 + len; i++) { /* histogram and error: separate, scalar passes */
-            int k = k_out[i], c = ctx_out[i];
-            int r = c ? 2 * k - sgn(k) : 2 * k;
-            double d = (double)(x[i] * inv_step) - r;
-            err += d * d;
-            hist[c * N_LEVELS + k + LEVEL_MAX]++;
-        }
+        for (int64_t i = s0; i < s0 + len; i++) /* histogram: a separate, scalar pass */
+            hist[ctx_out[i] * N_LEVELS + k_out[i] + LEVEL_MAX]++;
+        if (sqerr) /* the squared error only when asked (tests, benchmarks): the rate control needs none */
+            for (int64_t i = s0; i < s0 + len; i++) {
+                int k = k_out[i], c = ctx_out[i];
+                int r = c ? 2 * k - sgn(k) : 2 * k;
+                double d = (double)(x[i] * inv_step) - r;
+                err += d * d;
+            }
     }
-    *sqerr += err;
+    if (sqerr) *sqerr += err;
     free(mem);
     return 0;
 }

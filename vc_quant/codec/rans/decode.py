@@ -50,11 +50,11 @@ def decode_tensor_rans(
     name: str = "tensor",
 ) -> torch.Tensor:  # fmt: skip
     """The dense tensor on ``device`` in ``dtype`` (default: the record's)."""
-    if backend == "triton" or enc.meta["scale"] == "row" or not native.status():
+    if backend == "triton" or not native.status():
         return enc.dequantize_samples(decode_samples_rans(enc, device, backend, workers, name), dtype)
     samples = samples_cpu(enc, workers, name)
-    x = torch.from_numpy(tf.unrotate_levels(samples, float(enc.step.reshape(())), enc.meta["rotation_seed"],
-                                            enc.col_scale))  # fmt: skip
+    step = float(enc.step.reshape(())) if enc.step.numel() == 1 else enc.step.reshape(-1).float().numpy()
+    x = torch.from_numpy(tf.unrotate_levels(samples, step, enc.meta["rotation_seed"], enc.col_scale))
     n = samples.size if len(enc.meta["shape"]) >= 2 else int(np.prod(enc.meta["shape"]))
     out_dtype = dtype or FLOAT_DTYPES.get(enc.meta["dtype"], torch.float32)
     return x.reshape(-1)[:n].reshape(enc.meta["shape"]).to(device=device, dtype=out_dtype)

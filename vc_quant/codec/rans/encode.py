@@ -41,10 +41,9 @@ def encode_rans(
         row_scale = np.where(np.isfinite(rms) & (rms > 0), rms, np.float16(1.0)).astype(np.float32)
         a = a / row_scale[:, None]
     meta = dict(meta, quantizer=quantizer)
-    step_t = torch.zeros(rows, 1, dtype=torch.float16) if per_row else torch.zeros(1, 1, dtype=torch.float32)
     center = torch.zeros(1, 1, dtype=torch.float32)
-    fixed = 8 * (len(dump_meta(dict(meta, crc32=2**32 - 1))) + center.numel() * 4 + step_t.numel()
-                 * step_t.element_size() + (2 * cols if col_scale is not None else 0))  # fmt: skip
+    # bits outside the stream and the step (search_step counts the step: one, or one per row)
+    fixed = 8 * (len(dump_meta(dict(meta, crc32=2**32 - 1))) + 4 + (2 * cols if col_scale is not None else 0))
     target = float(bits)
     predict = opts.rate_control == "predict"
     e_guess = qz.guess_log_step(target, quantizer) + opts.step_offset if predict else None
@@ -52,11 +51,14 @@ def encode_rans(
     # the step a large tensor would use at this rate
     tiny = fixed > _TINY_SHARE * target * a.size
     lv, search = qz.search_step(a, target, fixed, quantizer, tolerance=opts.value("tolerance"), e_guess=e_guess,
-                                predict=predict, payload_only=tiny)  # fmt: skip
+                                predict=predict, payload_only=tiny, steps_per_row=per_row)  # fmt: skip
     stream = coder.encode_stream(lv)
     bitstream = torch.frombuffer(bytearray(bs.pack(stream)), dtype=torch.uint8)
-    if per_row:
-        step_t = torch.from_numpy((row_scale * np.float32(lv.step)).astype(np.float16)).reshape(rows, 1)
+    if per_row or lv.row_steps is not None:
+        steps = lv.row_steps if lv.row_steps is not None else np.full(rows, lv.step, dtype=np.float32)
+        if per_row:
+            steps = steps * row_scale
+        step_t = torch.from_numpy(steps.astype(np.float16)).reshape(rows, 1)
     else:
         step_t = torch.tensor([[lv.step]], dtype=torch.float32)
     enc = EncodedTensor(bitstream, center, step_t, meta, col_scale=col_scale)

@@ -36,12 +36,13 @@ MAX_RATE = {"dq": 5.5, "scalar": 6.5}
 DEFAULT_LAMBDA = {"scalar": 0.10, "dq": 0.45}
 DEFAULT_LANES = 32
 DEFAULT_LANE_LEN = 4096
-_SAMPLE_MIN = 1 << 16  # values a rate-search sample holds at least
-_SAMPLE_BELOW = 1 << 18  # smaller tensors are searched on all their values
+_SAMPLE_MIN = 1 << 15  # values a rate-search sample holds at least
+_SAMPLE_BELOW = 1 << 16  # smaller tensors are searched on all their values
 _SETTLED = 0.003  # bits per symbol: the level costs moved less than this in the last pass
 _MODEL_VALUES = 1 << 15  # synthetic Gaussian values the starting costs settle on
 _MODEL_BUCKETS = 20  # starting costs are cached per 1/20 of log2 step
 _REFINE = 3  # cost refinement passes near the target rate
+_AIM = 0.6  # the search aims inside this share of the tolerance (estimates are ~1e-4 bpv off the coded size)
 _OVER_RELAX = 1.0  # cost update: new + w (new - old); measured: 1 settles in half the passes, 2 diverges
 
 
@@ -62,7 +63,9 @@ class Levels:
     counts: np.ndarray  # int64 (contexts, 255)
     tables: list[tb.Table]
     step: float
-    sqerr: float  # squared error in units of step²
+    #: float32 (rows,) fp16-exact steps when some rows needed a coarser one (RowFloors), else None
+    row_steps: np.ndarray | None
+    sqerr: float  # squared error in units of step² (NaN unless asked for)
     quantizer: str
     lanes: int
     lane_len: int
@@ -81,14 +84,17 @@ class Levels:
 
 
 def quantize(
-    x: np.ndarray, step: float, quantizer: str, lam: float, costs: np.ndarray, lanes: int, lane_len: int
+    x: np.ndarray, step: float, quantizer: str, lam: float, costs: np.ndarray, lanes: int, lane_len: int,
+    error: bool = False,
 ) -> Levels:
-    """Quantize ``x`` (float32, 1-D) at ``step`` with the level costs ``costs`` ([context × 255] bits)."""
+    """Quantize ``x`` (float32, 1-D) at ``step`` with the level costs ``costs`` ([context × 255] bits).
+
+    ``error``: also sum the squared error (``Levels.sqerr``; NaN otherwise — the rate control needs none)."""
     lib = native.lib()
     n = x.size
     k = np.empty(n, dtype=np.int8)
     counts = np.zeros((CONTEXTS[quantizer], tb.N_LEVELS), dtype=np.int64)
-    err = np.zeros(1, dtype=np.float64)
+    err = np.zeros(1, dtype=np.float64) if error else None
     costs = np.ascontiguousarray(costs, dtype=np.float64)
     inv = np.float32(1.0 / step)
     if quantizer == "scalar":
@@ -101,7 +107,8 @@ def quantize(
                               native.ptr(ctx), native.ptr(counts), native.ptr(err)) != 0:  # fmt: skip
             raise MemoryError("rANS quantizer: out of memory")
     tables = [tb.quantize_counts(c) if c.any() else tb.quantize_counts(_zero_counts()) for c in counts]
-    return Levels(k, ctx, counts, tables, float(step), float(err[0]), quantizer, lanes, lane_len)
+    return Levels(k, ctx, counts, tables, float(step), None, float(err[0]) if error else float("nan"), quantizer,
+                  lanes, lane_len)  # fmt: skip
 
 
 def _zero_counts() -> np.ndarray:
@@ -114,10 +121,35 @@ def table_costs(levels: Levels) -> np.ndarray:
     return np.concatenate([tb.cost_array(t) for t in levels.tables])
 
 
-def min_step(x: np.ndarray) -> float:
-    """The smallest step whose levels stay inside int8 reconstruction integers."""
-    peak = float(np.abs(x).max()) if x.size else 0.0
-    return peak / (tb.LEVEL_MAX - 0.5) if peak > 0 else 1e-30
+class RowFloors:
+    """The finest step each row can use: its reconstruction integers must hold its peak (|S| <= 127).
+
+    One step for the whole tensor is the equal-slope, MSE-optimal choice — but a row whose
+    values are far larger than the tensor's (rotated Qwen2.5 weights: row RMS up to 16x the
+    tensor's) would then need reconstruction integers beyond int8, and one tensor-wide floor
+    would coarsen every row. So rows keep the tensor's step where it fits and take the finest
+    one that fits where it does not; the record then stores an fp16 step per row (16 bits a row,
+    only for tensors that need it).
+    """
+
+    def __init__(self, x2d: np.ndarray) -> None:
+        peak = np.abs(x2d).max(axis=1).astype(np.float64) if x2d.size else np.zeros(1)
+        self.floor = np.maximum(peak / tb.LEVEL_MAX, np.finfo(np.float32).tiny)
+
+    def steps(self, step: float) -> np.ndarray | None:
+        """Per-row steps (fp16-exact, float32) at the tensor step ``step``, or None when every row fits it."""
+        if step >= float(self.floor.max()):
+            return None
+        bound = self.floor > step
+        want = np.where(bound, self.floor, step)
+        s16 = want.astype(np.float16)
+        low = bound & (s16.astype(np.float64) < want)  # a bound row's peak must stay inside int8 after storage
+        s16[low] = np.nextafter(s16[low], np.float16(np.inf))
+        return s16.astype(np.float32)
+
+    @property
+    def finest(self) -> float:
+        return float(self.floor.min())
 
 
 @dataclass
@@ -140,21 +172,34 @@ def guess_log_step(target: float, quantizer: str) -> float:
 def search_step(
     x2d: np.ndarray, target_bits: float, fixed_bits: float, quantizer: str, lam: float | None = None,
     tolerance: float = 0.01, lanes: int = DEFAULT_LANES, lane_len: int = DEFAULT_LANE_LEN,
-    e_guess: float | None = None, predict: bool = False, payload_only: bool = False,
+    e_guess: float | None = None, predict: bool = False, payload_only: bool = False, steps_per_row: bool = False,
 ) -> tuple[Levels, StepSearch]:  # fmt: skip
     """Quantize ``x2d`` (rows × cols float32) so the record lands on ``target_bits`` per value all-in.
 
-    ``fixed_bits``: bits of the record outside the rANS stream (metadata, maps, column scales).
-    ``predict``: one pass at ``e_guess`` (streams of similar tensors learn the offset), no search.
-    ``payload_only``: aim the coded symbols alone at ``target_bits`` (tiny tensors, whose headers
-    exceed any budget, get the step a large tensor would use).
+    ``fixed_bits``: bits of the record outside the rANS stream and the step (metadata, column
+    scales); the step costs 32 bits, or 16 per row when rows need their own (:class:`RowFloors`,
+    or always with ``steps_per_row``). ``predict``: one pass at ``e_guess`` (streams of similar
+    tensors learn the offset), no search. ``payload_only``: aim the coded symbols alone at
+    ``target_bits`` (tiny tensors, whose headers exceed any budget, get a large tensor's step).
     """
     lam = DEFAULT_LAMBDA[quantizer] if lam is None else lam
-    x = np.ascontiguousarray(x2d, dtype=np.float32).reshape(-1)
-    n = x.size
+    x2d = np.ascontiguousarray(x2d, dtype=np.float32).reshape(-1, x2d.shape[-1] if x2d.ndim else 1)
+    n = x2d.size
+    rows = x2d.shape[0]
     g, ln = plan_lanes(n, lanes, lane_len)
-    sigma = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if n else 0.0
+    sigma = float(np.sqrt(np.mean(np.square(x2d, dtype=np.float64)))) if n else 0.0
+    floors = RowFloors(x2d)
     stats = StepSearch()
+    sample2d, scale = _sample(x2d, n)
+    whole = scale == 1.0  # small tensors: the search runs on all values, its passes are the full ones
+
+    def pass_on(part: np.ndarray, e: float, costs: np.ndarray) -> Levels:
+        step = (sigma or 1.0) * 2.0**e  # an all-zero tensor codes at any step
+        row_steps = floors.steps(step)
+        y = part if row_steps is None else part * (np.float32(step) / row_steps)[:, None]
+        lv = quantize(np.ascontiguousarray(y).reshape(-1), step, quantizer, lam, costs, g, ln)
+        lv.row_steps = row_steps
+        return lv
 
     def rate_of(lv: Levels, scale: float) -> float:  # all-in bits per value, the payload scaled to the tensor
         segs = n_segments(n, g, ln)
@@ -162,27 +207,27 @@ def search_step(
         if payload_only:
             return payload / n
         stream = 8 * header_bytes(lv.tables, segs) + 32 * g * segs + max(0.0, payload - 8 * g * segs)
-        return (stream + fixed_bits) / n
+        step_bits = 16 * rows if steps_per_row or lv.row_steps is not None else 32
+        return (stream + step_bits + fixed_bits) / n
 
     if sigma == 0.0:  # all zeros: one level, nothing to search
-        lv = quantize(x, 1.0, quantizer, lam, tb.gaussian_costs(1.0, quantizer), g, ln)
+        lv = pass_on(x2d, 0.0, tb.gaussian_costs(1.0, quantizer))
         stats.passes_full = 1
         stats.rate = rate_of(lv, 1.0)
         return lv, stats
-    floor_e = math.log2(min_step(x) / sigma)
+    # below this every row is at its floor and the rate cannot grow further
+    floor_e = math.log2(floors.finest / sigma) - 1.0
     e = guess_log_step(target_bits, quantizer) if e_guess is None else e_guess
     e = max(e, floor_e)
     stats.e_start = e
 
     costs = model_costs(quantizer, lam, e)
     if predict:
-        lv = quantize(x, sigma * 2.0**e, quantizer, lam, costs, g, ln)
+        lv = pass_on(x2d, e, costs)
         stats.passes_full, stats.e_final = 1, e
         stats.rate = rate_of(lv, 1.0)
         return lv, stats
 
-    sample, scale = _sample(x2d, n)
-    whole = scale == 1.0  # small tensors: the search runs on all values, its passes are the full ones
     best: list = []  # [rate, levels, e] closest to the target
 
     def consider(r: float, lv: Levels, at: float) -> None:
@@ -200,13 +245,13 @@ def search_step(
     last: tuple[float, float] | None = None
     refine = 0
     for _ in range(16):
-        lv = quantize(sample, sigma * 2.0**e, quantizer, lam, costs, g, ln)
+        lv = pass_on(sample2d, e, costs)
         r = rate_of(lv, scale)
         stats.passes_sample += 1
         locked = refine >= _REFINE
         if whole and locked:
             consider(r, lv, e)
-        if locked and abs(r - target_bits) <= (tolerance if whole else 0.5 * tolerance):
+        if locked and abs(r - target_bits) <= _AIM * tolerance:
             break
         if last is not None and abs(e - last[0]) > 0.02 and -2.0 < (r - last[1]) / (e - last[0]) < -0.3:
             slope = (r - last[1]) / (e - last[0])
@@ -226,11 +271,11 @@ def search_step(
     # 2) the whole tensor with the same costs, corrected along the measured slope if it missed
     if not whole:
         for _ in range(3):
-            lv = quantize(x, sigma * 2.0**e, quantizer, lam, costs, g, ln)
+            lv = pass_on(x2d, e, costs)
             stats.passes_full += 1
             r = rate_of(lv, 1.0)
             consider(r, lv, e)
-            if abs(r - target_bits) <= tolerance:
+            if abs(r - target_bits) <= _AIM * tolerance:
                 break
             e = max(floor_e, e + max(-1.0, min(1.0, (target_bits - r) / slope)))
     else:
@@ -274,10 +319,10 @@ def _cost_drift(lv: Levels, old: np.ndarray, new: np.ndarray) -> float:
 def _sample(x2d: np.ndarray, n: int) -> tuple[np.ndarray, float]:
     """A rate-search sample of ``x2d``: every row, evenly strided columns (after the rotation the
     columns of a row are exchangeable, rows are not: their variances differ), at least
-    ``_SAMPLE_MIN`` values; small tensors are searched whole. Returns the sample and n / its size."""
-    if n < _SAMPLE_BELOW or x2d.ndim != 2:
-        return np.ascontiguousarray(x2d, dtype=np.float32).reshape(-1), 1.0
-    cols = x2d.shape[1]
-    stride = max(1, min(cols, n // _SAMPLE_MIN))
-    sample = np.ascontiguousarray(x2d[:, ::stride], dtype=np.float32).reshape(-1)
+    ``_SAMPLE_MIN`` values; small tensors are searched whole. Returns the sample (rows × some
+    columns) and n / its size."""
+    if n < _SAMPLE_BELOW:
+        return x2d, 1.0
+    stride = max(1, min(x2d.shape[1], n // _SAMPLE_MIN))
+    sample = np.ascontiguousarray(x2d[:, ::stride])
     return sample, n / sample.size
