@@ -29,12 +29,19 @@ from transformers.cache_utils import BaseQuantizedLayer, Cache
 
 from vc_quant.codec.decode import decode_tensors_alike
 from vc_quant.codec.encode import encode_tensor
-from vc_quant.codec.options import CodecOptions, check_bits
+from vc_quant.codec.options import CodecOptions, check_bits, merge_defaults
 from vc_quant.codec.ratecontrol import StepPredictor
 from vc_quant.codec.record import EncodedTensor
 from vc_quant.errors import VcConfigError
 
 __all__ = ["KvBlock", "VcQuantizedCache", "VcQuantizedLayer"]
+
+#: per-codec defaults for KV blocks. Video codecs: no extra encoder parameters (x265's RDOQ
+#: doubles encode time, and blocks are encoded during generation). AV1: dav1d decodes these
+#: small pictures ~2x faster than FFmpeg's HEVC decoder at equal perplexity.
+KV_DEFAULTS = {"rans": {}, "av1": {"encoder_params": ""}, "hevc": {"encoder_params": ""}, "h264": {}}
+#: the default codec of the cache, chosen by scripts/bench_kv.py (docs/results.md)
+KV_CODEC = "av1"
 
 
 @dataclass
@@ -49,8 +56,14 @@ class KvBlock:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: the codec record plus the fp16 channel means."""
-        return self.record.nbytes + self.channel_mean.numel() * self.channel_mean.element_size()
+        """Bytes this block adds to the cache: bitstream, affine map and fp16 channel means.
+
+        The record's JSON metadata (shape, codec, seed, …) is the same for every block of a
+        stream and the cache could hold it once, so it is not counted per block (it was until
+        this version: ~250 bytes a block, ~0.08 bits per element at 128 tokens x 3 heads x 64).
+        """
+        maps = (self.record.bitstream, self.record.center, self.record.step, self.channel_mean)
+        return sum(t.numel() * t.element_size() for t in maps)
 
     @property
     def bits_per_value(self) -> float:
@@ -71,10 +84,8 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         self.sink_tokens = sink_tokens
         self._sink_keys: torch.Tensor | None = None
         self._sink_values: torch.Tensor | None = None
-        # AV1: dav1d decodes these small pictures ~2x faster than FFmpeg's HEVC decoder (every
-        # block is decoded at every step) at equal perplexity; no extra encoder parameters
-        # (x265's RDOQ doubles encode time, and blocks are encoded during generation)
-        self.codec = {"codec": "av1", "encoder_params": "", **codec}
+        # the chosen codec's defaults (KV_DEFAULTS), never another codec's
+        self.codec = merge_defaults(codec, KV_DEFAULTS, KV_CODEC)
         try:  # bad options fail here, not at the first block flush in the middle of a generation
             CodecOptions.from_kwargs(**self.codec)
         except VcConfigError as exc:
@@ -203,7 +214,7 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
 
 class VcQuantizedCache(Cache):
-    """KV cache compressed with the H.265 tensor codec (see module docstring).
+    """KV cache compressed with the tensor codec (see module docstring).
 
     Args:
         config: the model's config (for the number of layers).
@@ -214,7 +225,8 @@ class VcQuantizedCache(Cache):
             recent tokens stay exact (up to ``block_tokens - 1`` if that is larger).
         block_tokens: tokens per compressed block (larger: less header overhead, coarser).
         sink_tokens: first tokens kept in full precision (attention sinks; 0 disables).
-        **codec: tensor-codec options (``preset``, ``rotation``, ``codec``, …).
+        **codec: tensor-codec options (``codec="rans"``, ``rotation``, a video ``preset``, …) over the
+            chosen codec's :data:`KV_DEFAULTS`.
     """
 
     def __init__(

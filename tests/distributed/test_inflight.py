@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vc_quant.distributed.inflight import InflightCodec, gain_exponent, unpack
-from vc_quant.errors import VcCorruptDataError
+from vc_quant.errors import VcConfigError, VcCorruptDataError
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,3 +40,31 @@ def test_a_crafted_gain_exponent_is_refused():
     packed[4:6] = torch.tensor([0xFF, 0x7F], dtype=torch.uint8)  # int16 32767
     with pytest.raises(VcCorruptDataError, match="gain exponent"):
         unpack(packed)
+
+
+@pytest.mark.parametrize("options", [{}, {"codec": "rans"}, {"codec": "rans", "scale": "row"}, {"codec": "av1"},
+                                     {"codec": "hevc"}])  # fmt: skip
+def test_every_codec_travels_packed(options):
+    g = torch.randn(300, 1000, generator=torch.Generator().manual_seed(0)) * 1e-6
+    codec = InflightCodec(2.0, dict(options))
+    packed, _ = codec.encode(g, "grads")
+    back = InflightCodec.decode(unpack(packed))
+    rel = float(((back - g) ** 2).sum() / (g**2).sum())
+    assert abs(8 * packed.numel() / g.numel() - 2.0) < 0.1  # the first tensor of a stream is rate-searched
+    assert rel < 0.15  # measured at 2 bits: rans 0.073, av1 0.120, hevc 0.125
+
+
+def test_choosing_a_codec_takes_its_own_defaults():
+    assert InflightCodec(2.0, {"codec": "rans"}).options == {"codec": "rans"}
+    assert InflightCodec(2.0, {"codec": "hevc"}).options["preset"] == "ultrafast"  # not AV1's "12"
+    with pytest.raises(VcConfigError, match="preset='12' is an option of the video codecs"):
+        InflightCodec(2.0, {"codec": "rans", "preset": "12"})
+
+
+def test_a_rans_record_with_steps_per_row_travels():
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    x[3] *= 60  # a row too large for int8 at the tensor's step: it gets its own step
+    codec = InflightCodec(4.0, {"codec": "rans"})
+    packed, rec = codec.encode(x, "acts")
+    assert rec.enc.step.shape == (64, 1)
+    assert torch.allclose(InflightCodec.decode(unpack(packed)), InflightCodec.decode(rec))

@@ -122,16 +122,17 @@ def decode_tensor(
 
 def decode_samples(
     enc: EncodedTensor, device: torch.device | str = "cpu", backend: str = "auto", threads: int | None = None,
-    name: str = "tensor",
+    name: str = "tensor", out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """The decoded samples as an int8 ``(rows, cols)`` matrix in the rotated domain."""
-    device = torch.device(device)
+    """The decoded samples as an int8 ``(rows, cols)`` matrix in the rotated domain (into ``out`` if given)."""
+    device = torch.device(out.device if out is not None else device)
     chosen, _ = choose_backend(device, enc.meta["codec"], backend)
     if enc.is_rans:
         from vc_quant.codec.rans.decode import decode_samples_rans
 
-        return decode_samples_rans(enc, device, chosen, threads, name)
-    return vd.pixels_to_samples(vd.pixels(enc, device, chosen, threads, name))
+        return decode_samples_rans(enc, device, chosen, threads, name, out=out)
+    samples = vd.pixels_to_samples(vd.pixels(enc, device, chosen, threads, name))
+    return samples if out is None else out.copy_(samples)
 
 
 class DecodePool:
@@ -182,12 +183,20 @@ class DecodePool:
             if verify:
                 enc.verify(name, expect_name=expect_name)
             if samples:
-                out.copy_(decode_samples(enc, out.device, backend, 1, name))
+                decode_samples(enc, backend=backend, threads=1, name=name, out=out)
             else:
                 decode_tensor(enc, out=out, backend=backend, threads=1, name=name)
             return out
 
         return self._executor(backend).submit(job)
+
+    def submit_call(self, fn, device: torch.device, codec: str) -> Future:
+        """Run ``fn`` (a caller's decode job, e.g. on its own CUDA stream) on the workers that decode ``codec``."""
+        backend, reason = choose_backend(device, codec, self.requested)
+        self.used.add(backend)
+        if reason and self.fallback_reason is None:
+            self.fallback_reason = reason
+        return self._executor(backend).submit(fn)
 
     def shutdown(self, cancel: bool = False) -> None:
         for pool in (self._cpu, self._nvdec):

@@ -4,8 +4,8 @@ One encode per tensor at a *predicted* quantiser step (no rate search): a
 :class:`~vc_quant.codec.ratecontrol.StepPredictor` per stream — the mechanism the KV
 cache uses — learns from the rates the codec actually produced, so the running rate
 lands on ``bits``. A record travels as one flat uint8 tensor (:func:`pack` /
-:func:`unpack`): a 4-byte metadata length, a 2-byte gain exponent, the JSON metadata,
-the affine map and the bitstream. Every byte of it is counted as sent.
+:func:`unpack`): a 4-byte metadata length, a 2-byte gain exponent, a flags byte (which of
+centre and step are per row), the JSON metadata, the affine map and the bitstream. Every byte of it is counted as sent.
 
 Gradients are tiny (activation gradients of a mean loss: ~1e-6 and below), and the per-row
 affine map is fp16, whose steps underflow there: the decoder then returns noise (measured:
@@ -13,9 +13,11 @@ relative error ~1e3-1e4 on SmolLM2 activation gradients). So each tensor is firs
 a power of two that brings its RMS to ~1 — exact in floating point — and the exponent
 travels with the record.
 
-Defaults measured for in-flight use (scripts/bench_ddp.py): AV1 at SVT-AV1 preset 12
-(the fastest), one affine map per row of the folded tensor (gradients mix parameters of
-very different scales), no encoder extras.
+Defaults per codec (:data:`INFLIGHT_DEFAULTS`; choosing a codec takes that codec's defaults,
+never another's): rANS with one step per tensor (rows too large for int8 get their own) and
+the trellis quantizer; the video codecs with one affine map per row of the folded tensor
+(gradients mix parameters of very different scales) at their fastest presets, no encoder
+extras. The default codec was chosen by scripts/bench_ddp.py (docs/results.md).
 """
 
 from __future__ import annotations
@@ -29,14 +31,21 @@ import torch
 
 from vc_quant.codec.decode import decode_tensor
 from vc_quant.codec.encode import encode_tensor
-from vc_quant.codec.options import CodecOptions, check_bits
+from vc_quant.codec.options import CodecOptions, check_bits, merge_defaults
 from vc_quant.codec.ratecontrol import StepPredictor
 from vc_quant.codec.record import MAX_META_BYTES, EncodedTensor, dump_meta, matrix_shape
 from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
-#: codec options for tensors in flight (see the module docstring); callers may override any
-INFLIGHT_DEFAULTS = {"codec": "av1", "preset": "12", "scale": "row", "encoder_params": ""}
-_HEADER = struct.Struct("<Ih")  # metadata length, gain exponent
+#: codec options for tensors in flight, per codec (see the module docstring); callers may override any
+INFLIGHT_DEFAULTS = {
+    "rans": {},
+    "av1": {"preset": "12", "scale": "row", "encoder_params": ""},
+    "hevc": {"preset": "ultrafast", "scale": "row", "encoder_params": ""},
+    "h264": {"preset": "ultrafast", "scale": "row"},
+}
+INFLIGHT_CODEC = "rans"
+_HEADER = struct.Struct("<IhB")  # metadata length, gain exponent, map layout flags
+_CENTER_PER_ROW, _STEP_PER_ROW = 1, 2
 _MAX_EXP = 120  # |gain exponent|: keeps 2**exp and its inverse finite in float32
 
 
@@ -74,7 +83,8 @@ def pack(record: InflightRecord) -> torch.Tensor:
     """A record as one flat uint8 tensor (what is sent)."""
     enc = record.enc
     meta = dump_meta(enc.meta)
-    header = _HEADER.pack(len(meta), record.gain_exp)
+    flags = (_CENTER_PER_ROW if enc.center.numel() > 1 else 0) | (_STEP_PER_ROW if enc.step.numel() > 1 else 0)
+    header = _HEADER.pack(len(meta), record.gain_exp, flags)
     parts = [
         torch.frombuffer(bytearray(header + meta), dtype=torch.uint8),
         enc.center.contiguous().reshape(-1).view(torch.uint8),
@@ -89,25 +99,27 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
     data = buf.detach().cpu().contiguous()
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() < _HEADER.size:
         raise VcCorruptDataError(f"{name}: a packed record is a 1-D uint8 tensor")
-    meta_len, gain_exp = _HEADER.unpack(bytes(data[: _HEADER.size].numpy()))
+    meta_len, gain_exp, flags = _HEADER.unpack(bytes(data[: _HEADER.size].numpy()))
     if meta_len > min(MAX_META_BYTES, data.numel() - _HEADER.size):
         raise VcCorruptDataError(f"{name}: packed record claims {meta_len} bytes of metadata")
-    if abs(gain_exp) > _MAX_EXP:
-        raise VcCorruptDataError(f"{name}: packed record has a gain exponent of {gain_exp}")
+    if abs(gain_exp) > _MAX_EXP or flags & ~(_CENTER_PER_ROW | _STEP_PER_ROW):
+        raise VcCorruptDataError(f"{name}: packed record has a gain exponent of {gain_exp} / flags {flags}")
     start = _HEADER.size + meta_len
     try:
         meta = json.loads(bytes(data[_HEADER.size : start].numpy()).decode("utf-8"))
         rows, _ = matrix_shape(meta["shape"])
-        per_row = meta["scale"] == "row"
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VcCorruptDataError(f"{name}: packed record metadata is malformed ({exc})") from exc
-    dtype, count = (torch.float16, rows) if per_row else (torch.float32, 1)
-    width = count * (2 if per_row else 4)
-    if data.numel() < start + 2 * width:
-        raise VcCorruptDataError(f"{name}: packed record is truncated")
-    center = data[start : start + width].clone().view(dtype).reshape(count, 1)
-    step = data[start + width : start + 2 * width].clone().view(dtype).reshape(count, 1)
-    enc = EncodedTensor(data[start + 2 * width :].clone(), center, step, meta)
+    maps = []
+    for per_row in (flags & _CENTER_PER_ROW, flags & _STEP_PER_ROW):
+        dtype, count = (torch.float16, rows) if per_row else (torch.float32, 1)
+        width = count * (2 if per_row else 4)
+        if data.numel() < start + width:
+            raise VcCorruptDataError(f"{name}: packed record is truncated")
+        maps.append(data[start : start + width].clone().view(dtype).reshape(count, 1))
+        start += width
+    center, step = maps
+    enc = EncodedTensor(data[start:].clone(), center, step, meta)
     enc.verify(name)
     return InflightRecord(enc, gain_exp)
 
@@ -125,7 +137,7 @@ class InflightCodec:
     """Encode/decode tensors in flight at a target rate, one encode each (see the module docstring).
 
     ``bits``: target all-in bits per element on the wire (metadata and map included).
-    ``options``: codec options over :data:`INFLIGHT_DEFAULTS` (e.g. ``codec="hevc"``).
+    ``options``: codec options over the chosen codec's :data:`INFLIGHT_DEFAULTS` (e.g. ``{"codec": "av1"}``).
     """
 
     bits: float = 2.0
@@ -134,7 +146,7 @@ class InflightCodec:
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, "bits")
-        self.options = {**INFLIGHT_DEFAULTS, **self.options}
+        self.options = merge_defaults(self.options, INFLIGHT_DEFAULTS, INFLIGHT_CODEC)
         try:
             CodecOptions.from_kwargs(**self.options)  # bad options fail here, not at the first step
         except VcConfigError as exc:

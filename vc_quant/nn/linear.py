@@ -42,6 +42,7 @@ RESIDENT_MODES = ("dense", "int8", "bitstream")
 # 2 CPU cores, 576x1536: 33 us vs 74 us dense at 1 token; slower than dequantize + matmul
 # from ~8 tokens on, and much slower in fp32/fp16 at any size: scripts/bench_resident.py)
 _INT8_KERNEL_MAX_TOKENS = 4
+_CUDA_INT8_MAX_TOKENS = 16
 
 
 def check_resident(mode: object) -> str:
@@ -249,6 +250,21 @@ def fingerprint(t: torch.Tensor) -> int:
     return int(total) ^ (t.numel() << 1) ^ zlib.crc32(str(t.dtype).encode())
 
 
+def _int8_kernel(xd: torch.Tensor) -> bool:
+    """Whether torch's int8 weight-only kernel computes this product (no autograd through it).
+
+    CPU: bf16 with at most _INT8_KERNEL_MAX_TOKENS tokens (measured; fp32/fp16 are slower there).
+    CUDA: fp16/bf16 with at most _CUDA_INT8_MAX_TOKENS tokens (decode steps: the weight is read once
+    as int8, half of bf16's bytes); larger batches dequantise and use cuBLAS. Not measured on a GPU yet.
+    """
+    if torch.is_grad_enabled() and xd.requires_grad:
+        return False
+    if xd.device.type == "cpu":
+        return xd.dtype == torch.bfloat16 and xd.shape[0] <= _INT8_KERNEL_MAX_TOKENS
+    return xd.device.type == "cuda" and xd.dtype in (torch.float16, torch.bfloat16) and \
+        xd.shape[0] <= _CUDA_INT8_MAX_TOKENS  # fmt: skip
+
+
 def int8_linear(
     x: torch.Tensor, samples: torch.Tensor, center: torch.Tensor | float, step: torch.Tensor | float,
     seed: int | None, bias: torch.Tensor | None, inv_col_scale: torch.Tensor | None = None,
@@ -258,8 +274,8 @@ def int8_linear(
     ``center``/``step``: floats (one map per tensor) or ``(out,)`` vectors (one per row);
     ``inv_col_scale``: the record's inverse input-column scales (they move to the activations).
     The rotation runs on the activations in float32; the matmul runs on the int8 samples
-    (torch's int8 weight-only kernel for a few bf16 tokens on the CPU, else the samples cast
-    to the activation dtype, scaled per output channel after the product).
+    (torch's int8 weight-only kernel for a few tokens, :func:`_int8_kernel`; else the samples
+    cast to the activation dtype, scaled per output channel after the product).
     """
     dtype = x.dtype
     lead = x.shape[:-1]
@@ -267,14 +283,14 @@ def int8_linear(
     xr = (tf.rotate(xf, seed) if seed is not None else xf).reshape(-1, x.shape[-1])
     xd = xr.to(dtype)
     step_v = step.to(dtype) if isinstance(step, torch.Tensor) else step
-    if dtype == torch.float16:
+    if _int8_kernel(xd):
+        scales = step_v if isinstance(step_v, torch.Tensor) else torch.full((samples.shape[0],), step_v, dtype=dtype,
+                                                                             device=xd.device)  # fmt: skip
+        y = torch.ops.aten._weight_int8pack_mm(xd, samples, scales)
+    elif dtype == torch.float16:
         # the un-scaled product (|samples| <= 128) could overflow fp16: scale the weight first
         scaled = samples.to(dtype) * (step_v[:, None] if isinstance(step_v, torch.Tensor) else step_v)
         y = F.linear(xd, scaled)
-    elif (dtype == torch.bfloat16 and xd.shape[0] <= _INT8_KERNEL_MAX_TOKENS and xd.device.type == "cpu"
-          and not (torch.is_grad_enabled() and xd.requires_grad)):  # fmt: skip
-        scales = step_v if isinstance(step_v, torch.Tensor) else torch.full((samples.shape[0],), step_v, dtype=dtype)
-        y = torch.ops.aten._weight_int8pack_mm(xd, samples, scales)
     else:
         y = F.linear(xd, samples.to(dtype)) * step_v
     center_v = center.to(dtype) if isinstance(center, torch.Tensor) else center

@@ -7,8 +7,10 @@ decoding layers ``i+1 … i+ahead`` (wrapping to the first layer for the next fo
 on the decode pool: CPU workers, or NVDEC sessions on a GPU — separate engines, so
 decoding overlaps compute. After the forward the layer's samples are dropped.
 
-Weight memory held at any time: every bitstream + at most ``ahead + 1`` decoded int8
-matrices.
+Decoded samples go into ``ahead + 1`` reused slot buffers (each grown once to the largest
+matrix it has held): no allocation per forward. rANS records decode straight into their
+slot (CPU threads, or the Triton kernel on a side CUDA stream). Weight memory held at any
+time: every bitstream + the slots (at most ``ahead + 1`` matrices).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vc_quant.codec.decode import DecodePool
+from vc_quant.codec.decode import DecodePool, decode_samples
 
 if TYPE_CHECKING:
     from vc_quant.nn.linear import VcLinear
@@ -32,41 +34,103 @@ class BitstreamWindow:
         self.ahead = max(0, min(ahead, len(self.modules) - 1))
         self.pool = DecodePool(backend)
         self._pending: dict[int, Future] = {}
+        self._views: dict[int, torch.Tensor] = {}  # module index -> its samples (a view into its slot)
+        self._slot_of: dict[int, int] = {}  # module index -> slot holding its samples
+        self._slots: list[torch.Tensor | None] = [None] * (self.ahead + 1)
+        self._free = list(range(self.ahead + 1))
+        # CUDA: decodes run on a side stream; a slot is rewritten only after the compute stream
+        # has finished reading it (an event recorded at release)
+        self._slot_free: list[torch.cuda.Event | None] = [None] * (self.ahead + 1)
+        self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
         self.decodes = 0  # decodes started (a measure of work, for tests and benchmarks)
         self.peak_bytes = 0  # most decoded bytes held at once (for benchmarks and memory bounds)
 
+    def _slot_buffer(self, module: VcLinear) -> tuple[int, torch.Tensor]:
+        """A free slot, grown if this matrix is larger than anything it held; the matrix view into it."""
+        slot = self._free.pop()
+        n, device = module.out_features * module.in_features, module.weight.device
+        buf = self._slots[slot]
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self._slots[slot] = torch.empty(n, dtype=torch.int8, device=device)
+        return slot, buf[:n].view(module.out_features, module.in_features)
+
     def _submit(self, i: int) -> Future:
         module = self.modules[i]
-        out = torch.empty(module.out_features, module.in_features, dtype=torch.int8, device=module.weight.device)
+        slot, out = self._slot_buffer(module)
+        self._slot_of[i], self._views[i] = slot, out
         self.decodes += 1
-        # the record was verified when it was loaded; decode only
-        return self.pool.submit(module.record(), out, samples=True, name=module.meta.get("name", "weight"),
-                                verify=False)  # fmt: skip
+        record, name = module.record(), module.meta.get("name", "weight")
+        if not out.is_cuda:  # the record was verified when it was loaded; decode only
+            return self.pool.submit(record, out, samples=True, name=name, verify=False)
+        free, side = self._slot_free[slot], self._side_stream(out.device)
+
+        def on_side_stream() -> torch.cuda.Event:
+            with torch.cuda.stream(side):
+                if free is not None:
+                    side.wait_event(free)
+                decode_samples(record, backend=self.pool.requested, threads=1, name=name, out=out)
+                done = torch.cuda.Event()
+                done.record(side)
+            return done
+
+        return self.pool.submit_call(on_side_stream, out.device, record.meta["codec"])
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._side:
+            self._side[device] = torch.cuda.Stream(device=device)
+        return self._side[device]
+
+    def _drop(self, i: int) -> None:  # caller holds the lock
+        if self._pending.pop(i, None) is not None:
+            slot = self._slot_of.pop(i)
+            view = self._views.pop(i)
+            if view.is_cuda:  # reusable once the compute stream is past its last reader
+                self._slot_free[slot] = torch.cuda.Event()
+                self._slot_free[slot].record()
+            self._free.append(slot)
+
+    def _evict_farthest(self, i: int) -> None:  # caller holds the lock
+        """Free a slot for module ``i`` (called out of order): drop the prefetch farthest ahead of it."""
+        n = len(self.modules)
+        far = max(self._pending, key=lambda j: (j - i) % n)
+        self._pending[far].result()  # a worker writes its slot until the decode ends
+        self._drop(far)
 
     def acquire(self, module: VcLinear) -> torch.Tensor:
         """The decoded int8 samples of ``module``; starts decoding the next ``ahead`` layers."""
         i = self.index[id(module)]
         with self._lock:
-            job = self._pending.get(i) or self._submit(i)
-            self._pending[i] = job
+            job = self._pending.get(i)
+            if job is None:
+                if not self._free:
+                    self._evict_farthest(i)
+                job = self._pending[i] = self._submit(i)
             for k in range(1, self.ahead + 1):
                 j = (i + k) % len(self.modules)
-                if j not in self._pending and self.modules[j] is not None:
+                if j not in self._pending and self.modules[j] is not None and self._free:
                     self._pending[j] = self._submit(j)
             self.peak_bytes = max(self.peak_bytes, self._held_bytes())
-        return job.result()
+            view = self._views[i]
+        done = job.result()
+        if isinstance(done, torch.cuda.Event):
+            torch.cuda.current_stream(view.device).wait_event(done)
+        return view
 
     def release(self, module: VcLinear) -> None:
-        """Drop ``module``'s decoded samples (called after its forward)."""
+        """Hand ``module``'s slot back (called after its forward; its decode has finished)."""
         with self._lock:
-            self._pending.pop(self.index[id(module)], None)
+            self._drop(self.index[id(module)])
 
     def remove(self, module: VcLinear) -> None:
         """Stop serving ``module`` (it left bitstream residency)."""
         with self._lock:
             i = self.index.pop(id(module))
-            self._pending.pop(i, None)
+            job = self._pending.get(i)
+        if job is not None:
+            job.result()  # its slot is written by a worker until the decode ends
+        with self._lock:
+            self._drop(i)
             self.modules[i] = None  # keep the other indices; a None is skipped when prefetching
 
     def held(self) -> int:
@@ -75,14 +139,20 @@ class BitstreamWindow:
             return len(self._pending)
 
     def held_bytes(self) -> int:
+        """Bytes the window holds (its slot buffers, in use or not)."""
         with self._lock:
             return self._held_bytes()
 
     def _held_bytes(self) -> int:  # caller holds the lock
-        return sum(self.modules[i].in_features * self.modules[i].out_features for i in self._pending
-                   if self.modules[i] is not None)  # fmt: skip
+        """Bytes of the slot buffers: the decoded window's memory (allocated once, reused)."""
+        return sum(b.numel() for b in self._slots if b is not None)
 
     def close(self) -> None:
+        self.pool.shutdown(cancel=True)
         with self._lock:
             self._pending.clear()
-        self.pool.shutdown(cancel=True)
+            self._slot_of.clear()
+            self._views.clear()
+            self._slots = [None] * (self.ahead + 1)
+            self._slot_free = [None] * (self.ahead + 1)
+            self._free = list(range(self.ahead + 1))

@@ -335,10 +335,11 @@ int64_t vc_rans_encode(const int8_t *k, const uint8_t *ctx, int64_t n, int G, in
         int64_t s1 = s0 + seg_len < n ? s0 + seg_len : n;
         uint16_t *end = scratch + scratch_cap, *ptr = end;
         for (int j = 0; j < G; j++) x[j] = RANS_L;
+        int j = (int)((s1 - 1 - s0) % G); /* the lane of the last symbol; lanes count down from it */
         for (int64_t i = s1 - 1; i >= s0; i--) {
-            int j = (int)((i - s0) % G);
             int c = ctx ? ctx[i] : 0;
-            uint32_t f = freq[c * N_LEVELS + k[i] + LEVEL_MAX];
+            int idx = c * N_LEVELS + k[i] + LEVEL_MAX;
+            uint32_t f = freq[idx];
             if (f == 0) return -2;
             uint64_t x_max = ((uint64_t)(RANS_L >> PROB_BITS) << 16) * f;
             uint32_t xs = x[j];
@@ -346,7 +347,9 @@ int64_t vc_rans_encode(const int8_t *k, const uint8_t *ctx, int64_t n, int G, in
                 *--ptr = (uint16_t)(xs & 0xFFFF);
                 xs >>= 16;
             }
-            x[j] = ((xs / f) << PROB_BITS) + (xs % f) + cum[c * N_LEVELS + k[i] + LEVEL_MAX];
+            uint32_t q = xs / f;
+            x[j] = (q << PROB_BITS) + (xs - q * f) + cum[idx];
+            j = j ? j - 1 : G - 1;
         }
         for (int j = G - 1; j >= 0; j--) {
             *--ptr = (uint16_t)(x[j] >> 16);

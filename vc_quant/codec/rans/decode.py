@@ -26,23 +26,34 @@ def stream_of(enc: EncodedTensor, name: str = "tensor") -> bs.RansStream:
     return bs.parse(enc.bitstream.cpu().numpy(), rows * cols, name)
 
 
-def samples_cpu(enc: EncodedTensor, workers: int | None = None, name: str = "tensor") -> np.ndarray:
-    """The int8 ``(rows, cols)`` samples, decoded on the CPU."""
+def samples_cpu(
+    enc: EncodedTensor, workers: int | None = None, name: str = "tensor", out: np.ndarray | None = None
+) -> np.ndarray:
+    """The int8 ``(rows, cols)`` samples, decoded on the CPU (into ``out`` when given)."""
     rows, cols = matrix_shape(enc.meta["shape"])
-    out = np.empty(rows * cols, dtype=np.int8)
+    out = np.empty(rows * cols, dtype=np.int8) if out is None else out.reshape(-1)
     coder.decode_levels(stream_of(enc, name), out, workers, name)
     return out.reshape(rows, cols)
 
 
-def decode_samples_rans(enc: EncodedTensor, device: torch.device, backend: str, workers: int | None = None,
-                        name: str = "tensor") -> torch.Tensor:  # fmt: skip
-    """The int8 samples on ``device``: Triton on CUDA (``backend == "triton"``), else the CPU decoder."""
+def decode_samples_rans(
+    enc: EncodedTensor, device: torch.device, backend: str, workers: int | None = None, name: str = "tensor",
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The int8 samples on ``device``: Triton on CUDA (``backend == "triton"``), else the CPU decoder.
+
+    ``out``: a contiguous int8 ``(rows, cols)`` tensor on ``device`` to decode into (no temporary)."""
+    rows, cols = matrix_shape(enc.meta["shape"])
     if backend == "triton":
         from vc_quant.codec.rans.triton_decode import decode_levels_triton
 
-        rows, cols = matrix_shape(enc.meta["shape"])
-        return decode_levels_triton(stream_of(enc, name), device, name=name).reshape(rows, cols)
-    return torch.from_numpy(samples_cpu(enc, workers, name)).to(device)
+        flat = out.reshape(-1) if out is not None else None
+        return decode_levels_triton(stream_of(enc, name), device, name=name, out=flat).reshape(rows, cols)
+    if out is not None and out.device.type == "cpu" and out.is_contiguous():
+        samples_cpu(enc, workers, name, out=out.numpy())
+        return out
+    samples = torch.from_numpy(samples_cpu(enc, workers, name)).to(device)
+    return samples if out is None else out.copy_(samples)
 
 
 def decode_tensor_rans(
@@ -58,3 +69,29 @@ def decode_tensor_rans(
     n = samples.size if len(enc.meta["shape"]) >= 2 else int(np.prod(enc.meta["shape"]))
     out_dtype = dtype or FLOAT_DTYPES.get(enc.meta["dtype"], torch.float32)
     return x.reshape(-1)[:n].reshape(enc.meta["shape"]).to(device=device, dtype=out_dtype)
+
+
+def decode_alike_rans(encs: list[EncodedTensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Records of one shape and rotation (KV-cache blocks) → ``(len(encs), *shape)``, decoded at once.
+
+    The blocks' integers decode side by side on the worker threads, then one native dequantise +
+    inverse rotation runs over all their rows (each row with its record's step).
+    """
+    first = encs[0].meta
+    rows, cols = matrix_shape(first["shape"])
+    samples = np.empty((len(encs), rows * cols), dtype=np.int8)
+    streams = [stream_of(e, e.meta.get("name", "tensor")) for e in encs]
+
+    def one(i: int) -> None:
+        coder.decode_levels(streams[i], samples[i], workers=1, name=encs[i].meta.get("name", "tensor"))
+
+    list(coder.pool().map(one, range(len(encs)))) if len(encs) > 1 else one(0)
+    steps = np.concatenate([np.broadcast_to(e.step.reshape(-1).float().numpy(), (rows,)) for e in encs])
+    if native.status():
+        x = torch.from_numpy(tf.unrotate_levels(samples.reshape(-1, cols), steps, first["rotation_seed"]))
+    else:
+        x = torch.from_numpy(samples.reshape(-1, cols)).float() * torch.from_numpy(steps)[:, None]
+        if first["rotation_seed"] is not None:
+            x = tf.unrotate(x, first["rotation_seed"])
+    n = int(np.prod(first["shape"]))
+    return x.reshape(len(encs), -1)[:, :n].reshape(len(encs), *first["shape"]).to(dtype)

@@ -105,8 +105,10 @@ if triton is not None:
         tl.store(err_ptr + s, code)
 
 
-def decode_levels_triton(stream: RansStream, device: torch.device | str, name: str = "tensor") -> torch.Tensor:
-    """The stream's int8 reconstruction integers, decoded by the Triton kernel into a tensor on ``device``."""
+def decode_levels_triton(
+    stream: RansStream, device: torch.device | str, name: str = "tensor", out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The stream's int8 reconstruction integers, decoded by the Triton kernel on ``device`` (into ``out``)."""
     status = triton_status()
     if not status:
         raise VcBackendUnavailableError(f"the Triton rANS decoder cannot run: {status.reason}")
@@ -116,7 +118,7 @@ def decode_levels_triton(stream: RansStream, device: torch.device | str, name: s
     words = torch.from_numpy(stream.words.astype(np.int32)).to(device)
     seg_end = torch.from_numpy(stream.seg_end.astype(np.int64)).to(device)
     lut = torch.from_numpy(decode_lut(stream.tables).astype(np.int64).reshape(-1)).to(device)
-    out = torch.empty(stream.n_symbols, dtype=torch.int8, device=device)
+    out = torch.empty(stream.n_symbols, dtype=torch.int8, device=device) if out is None else out
     err = torch.zeros(segs, dtype=torch.int32, device=device)
     rans_decode_kernel[(segs,)](words, seg_end, lut, out, err, stream.n_symbols, stream.lanes, stream.lane_len,
                     DQ=stream.dq, LANES=lanes_p2)  # fmt: skip

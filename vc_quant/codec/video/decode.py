@@ -68,7 +68,9 @@ def pixels_to_samples(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def decode_tensors_alike(encs: list[EncodedTensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode records of one shape and codec setting (one frame each) to a ``(len(encs), *shape)`` tensor.
+    """Decode records of one shape and codec setting (video: one frame each) to a ``(len(encs), *shape)`` tensor.
+
+    rANS records are handed to :func:`vc_quant.codec.rans.decode.decode_alike_rans`.
 
     One decoder for all pictures and one vectorised dequantise + inverse rotation:
     the per-tensor fixed costs of :func:`decode_tensor` dominate for small tensors
@@ -76,9 +78,13 @@ def decode_tensors_alike(encs: list[EncodedTensor], dtype: torch.dtype = torch.f
     stacking :func:`decode_tensor` outputs.
     """
     first = encs[0].meta
-    same = ("codec", "layout", "shape", "rotation_seed", "scale")
-    if any(any(e.meta[k] != first[k] for k in same) for e in encs):
+    same = ("codec", "shape", "rotation_seed", "scale") + (("layout",) if first["codec"] != "rans" else ())
+    if any(any(e.meta.get(k) != first.get(k) for k in same) for e in encs):
         raise VcConfigError(f"decode_tensors_alike: records differ in one of {same}")
+    if first["codec"] == "rans":
+        from vc_quant.codec.rans.decode import decode_alike_rans
+
+        return decode_alike_rans(encs, dtype)
     layout = encs[0].layout
     packets = [e.bitstream.numpy().tobytes() for e in encs]
     frames = get_backend(first["codec"]).decode(packets, layout.width, layout.height, threads=os.cpu_count() or 1)
