@@ -242,3 +242,48 @@ def trainer_hook(rank: int, world: int) -> dict:
     trainer.train()
     return {"elements": state.stats.elements, "steps": trainer.state.global_step,
             "wrapped": type(trainer.model_wrapped).__name__}  # fmt: skip
+
+
+def engine_schedule(rank: int, world: int, model_dir: str, bits, schedule: str, steps: int) -> dict:
+    """torch.distributed.pipelining with compressed carriers: a tiny Llama in 2 stages, ``steps`` SGD steps
+    on fixed data, then an eval pass; rank 1 returns the losses, the eval logits and the link's bytes."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from transformers import AutoModelForCausalLM
+
+    from vc_quant.distributed.engine import CompressedStage, FixedLink
+    from vc_quant.distributed.stages import DecoderStage
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    mb, seq, n_mb = 2, 48, 4
+    fwd, bwd = FixedLink.shared((mb, seq, hidden), bits, bits)
+    stage = DecoderStage(model, rank, 2)
+    wrapped = CompressedStage(stage, send=(fwd, bwd) if rank == 0 else None, recv=(fwd, bwd) if rank == 1 else None)
+    ex_in = torch.zeros(mb, seq, dtype=torch.long) if rank == 0 else fwd.example()
+    ex_out = fwd.example() if rank == 0 else torch.zeros(mb, seq, vocab)
+    pipe = PipelineStage(wrapped, rank, 2, torch.device("cpu"), input_args=(ex_in,), output_args=(ex_out,))
+
+    def loss_fn(logits, target):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), target[:, 1:].reshape(-1))
+
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    sched = kind(pipe, n_mb, loss_fn=loss_fn)
+    ids = torch.randint(0, vocab, (mb * n_mb, seq), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD(stage.parameters(), lr=0.5)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        if rank == 0:
+            sched.step(ids)
+        else:
+            out: list = []
+            sched.step(target=ids, losses=out)
+            losses.append(float(sum(out) / len(out)))
+        opt.step()
+    with torch.no_grad():
+        logits = sched.eval(ids) if rank == 0 else sched.eval(target=ids)
+    link = fwd if rank == 0 else bwd  # each rank encodes one direction
+    return {"losses": losses, "logits": logits if rank == 1 else None, "bytes": link.stats.bytes,
+            "messages": link.stats.messages, "payload": link.stats.payload_bytes, "numel": link.numel,
+            "refits": link.refits}  # fmt: skip

@@ -4,6 +4,8 @@
   (:class:`VcHookState`, :func:`vc_allreduce_hook`);
 * :mod:`~vc_quant.distributed.pipeline` — activations and activation gradients between pipeline
   stages (:func:`send_compressed`, :func:`recv_compressed`, :class:`StageBoundary`);
+* :mod:`~vc_quant.distributed.engine` — the same through ``torch.distributed.pipelining``'s
+  schedules (:class:`FixedLink` carriers, :class:`CompressedStage`);
 * :mod:`~vc_quant.distributed.inflight` — the shared in-flight codec (predicted step, one encode per
   tensor, packed records, measured bytes).
 """
@@ -17,10 +19,13 @@ from vc_quant.distributed.ddp import (
     use_with_accelerate,
     vc_allreduce_hook,
 )
+from vc_quant.distributed.engine import CompressedStage, FixedLink
 from vc_quant.distributed.inflight import InflightCodec, InflightRecord, WireStats, pack, unpack
 from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
 __all__ = [
+    "CompressedStage",
+    "FixedLink",
     "InflightCodec",
     "InflightRecord",
     "StageBoundary",

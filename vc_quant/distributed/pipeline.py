@@ -14,11 +14,10 @@ in fp16. Encoding shares the in-flight path of the gradient hook (one encode per
 predicted step). Activation gradients may use error feedback: the sender keeps what its
 codec dropped and adds it to the next gradient it sends.
 
-``torch.distributed.pipelining`` (``PipelineStage`` + schedules) cannot carry this: its
-stages exchange buffers whose shapes are fixed before the first step (shape inference,
-``batch_isend_irecv`` into pre-allocated receive buffers); a variable-length bitstream
-would have to be padded to a worst case, which gives the saving back. Hence these
-point-to-point messages, which any hand-written or custom schedule can use.
+These variable-length point-to-point messages serve hand-written or custom schedules.
+``torch.distributed.pipelining``'s own schedules (GPipe, 1F1B, …) exchange buffers of fixed
+shapes; :mod:`vc_quant.distributed.engine` codes messages into fixed-size carriers for them
+(the rANS coder's size is known before coding, so a target rate plus a small margin fits).
 """
 
 from __future__ import annotations
