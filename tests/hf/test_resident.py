@@ -141,3 +141,50 @@ def test_dequantize_gives_a_plain_model(tiny_quantized, tmp_path):
         assert (model(IDS[:, :5]).logits - ref).abs().max() < LOGIT_TOL
     model.save_pretrained(tmp_path / "plain")
     assert load_file(str(tmp_path / "plain" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].dim() == 2
+
+
+# --- rANS records, and residency on CUDA ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_rans(tiny_src, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=VcQuantizationConfig(
+        bits=3, codec="rans"))  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny_rans")
+    model.save_pretrained(path)
+    with torch.no_grad():
+        return path, model(IDS).logits
+
+
+@pytest.mark.parametrize("resident", MODES)
+def test_rans_records_in_every_mode_give_the_same_logits(tiny_rans, resident):
+    path, ref = tiny_rans
+    with torch.no_grad():
+        out = load(path, resident)(IDS).logits
+    assert (out - ref).abs().max() < LOGIT_TOL
+
+
+def _cuda_or_skip():
+    import os
+
+    if not torch.cuda.is_available():
+        if os.environ.get("VC_QUANT_REQUIRE_GPU", "") not in ("", "0"):
+            pytest.fail("VC_QUANT_REQUIRE_GPU=1 but CUDA is not available")
+        pytest.skip("no CUDA device")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resident", ["int8", "bitstream"])
+@pytest.mark.parametrize("fixture", ["tiny_quantized", "tiny_rans"])
+def test_residency_on_cuda_gives_the_cpu_logits(request, fixture, resident):
+    _cuda_or_skip()
+    path, ref = request.getfixturevalue(fixture)
+    config = VcQuantizationConfig(resident=resident)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", quantization_config=config)
+    assert all(m.weight.device.type == "cuda" for m in vc_modules(model))
+    with torch.no_grad():
+        out = model(IDS.cuda()).logits.cpu()
+        again = model(IDS.cuda()).logits.cpu()  # bitstream: the second forward reuses the window's slots
+    assert (out - ref).abs().max() < 1e-3 and torch.equal(out, again)  # GPU float order differs from the CPU's
+    if resident == "bitstream":
+        assert model.vc_bitstream_window.pool.backend_used in ("triton", "nvdec", "cpu")
