@@ -183,7 +183,8 @@ def plot(rows, ref, n_tokens: int, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--caches", nargs="*", default=["dynamic", "rtn-2", "rtn-4", "vc-2.0", "vc-2.5", "vc-3.0", "vc-hevc-2.5"]
+        "--caches", nargs="*", default=["dynamic", "rtn-2", "rtn-4", "vc-rans-2.0", "vc-rans-2.5", "vc-rans-3.0",
+                                        "vc-av1-2.0", "vc-av1-2.5", "vc-av1-3.0"]
     )
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=1024)

@@ -5,8 +5,10 @@ run, on the same checkpoints, prompts and text:
 
 * ``bf16``: the plain model in bf16 (this CPU's native 16-bit type; fp16 matmuls run ~9x
   slower here, see docs/results.md);
-* ``vc-dense`` / ``vc-int8`` / ``vc-bitstream``: the vc checkpoint loaded with
-  ``VcQuantizationConfig(resident=...)`` (bf16 activations);
+* ``vc-<resident>-<codec>`` (``vc-int8-rans``, ``vc-bitstream-hevc``, ``vc-bitstream-rans``, …):
+  the vc checkpoint of that codec loaded with ``VcQuantizationConfig(resident=...)`` (bf16
+  activations); bitstream residency decodes every layer at every forward (rANS: native CPU
+  decoder into reused slots; HEVC: FFmpeg);
 * ``hqq``: HQQ 4-bit g64 (the ``hqq`` package's ``HQQLinear`` on every decoder linear,
   bf16 compute, bit-packed storage) — the peer a user would otherwise pick.
 
@@ -18,7 +20,7 @@ Wikipedia leads).
 
 Models: SmolLM2-135M (real weights; vc at --bits, defaults) and a TinyLlama-1.1B-shaped
 model built from a config (random N(0, 0.02) weights, for scaling; vc at --bits,
-uniform allocation, AV1 to keep the encode short; no perplexity).
+uniform allocation, no column scaling; no perplexity).
 
     python scripts/bench_resident.py [--models smollm2 1b] [--bits 2.5] [--big-layers 22] [--out results/resident]
 """
@@ -37,13 +39,16 @@ from pathlib import Path
 import torch
 from common import default_out  # scripts/common.py
 
-ROWS = ("bf16", "vc-dense", "vc-int8", "vc-bitstream", "hqq")
+ROWS = ("bf16", "vc-int8-rans", "vc-bitstream-hevc", "vc-bitstream-rans", "hqq", "vc-dense-rans", "vc-int8-hevc")
+DEFAULT_ROWS = ROWS[:5]
 CACHE = Path(".cache/bench_resident")
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
-def prepare(model: str, bits: float, big_layers: int = 22) -> dict[str, str]:
-    """Paths of the bf16 and the vc checkpoint of ``model`` (built once, cached)."""
+def prepare(
+    model: str, bits: float, big_layers: int = 22, codecs: tuple[str, ...] = ("rans", "hevc")
+) -> dict[str, str]:
+    """Paths of the bf16 checkpoint and of a vc checkpoint per codec of ``model`` (built once, cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vc_quant.cli import main as vc_cli
@@ -52,7 +57,7 @@ def prepare(model: str, bits: float, big_layers: int = 22) -> dict[str, str]:
     folder = CACHE / model
     if model == "1b":
         folder = CACHE / f"1b-{big_layers}layers"
-    bf16, vc = folder / "bf16", folder / f"vc-{bits}"
+    bf16 = folder / "bf16"
     src = smollm2_checkpoint()
     if not (bf16 / "config.json").exists():
         if model == "smollm2":
@@ -71,14 +76,18 @@ def prepare(model: str, bits: float, big_layers: int = 22) -> dict[str, str]:
                         p.normal_(0, 0.02)
         m.save_pretrained(bf16)
         AutoTokenizer.from_pretrained(src).save_pretrained(bf16)
-    if not (vc / "config.json").exists():
-        args = ["compress", str(bf16), str(vc), "--bits", str(bits), "--overwrite"]
-        if model != "smollm2":
-            args += ["--streaming", "--allocation", "uniform", "--scaling", "none", "--codec", "av1"]
-        t0 = time.perf_counter()
-        assert vc_cli(args) == 0
-        print(f"{model}: compressed in {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"bf16": str(bf16), "vc": str(vc)}
+    paths = {"bf16": str(bf16)}
+    for codec in codecs:
+        vc = folder / f"vc-{codec}-{bits}"
+        if not (vc / "config.json").exists():
+            args = ["compress", str(bf16), str(vc), "--bits", str(bits), "--overwrite", "--codec", codec]
+            if model != "smollm2":
+                args += ["--streaming", "--allocation", "uniform", "--scaling", "none"]
+            t0 = time.perf_counter()
+            assert vc_cli(args) == 0
+            print(f"{model}: compressed with {codec} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paths[codec] = str(vc)
+    return paths
 
 
 # --- one row (child process) ---------------------------------------------------------------------
@@ -88,8 +97,9 @@ def load_row(row: str, paths: dict[str, str]):
     import vc_quant
 
     if row.startswith("vc-"):
-        config = vc_quant.VcQuantizationConfig(resident=row.removeprefix("vc-"))
-        return AutoModelForCausalLM.from_pretrained(paths["vc"], dtype=torch.bfloat16, quantization_config=config)
+        _, resident, codec = row.split("-")
+        config = vc_quant.VcQuantizationConfig(resident=resident)
+        return AutoModelForCausalLM.from_pretrained(paths[codec], dtype=torch.bfloat16, quantization_config=config)
     model = AutoModelForCausalLM.from_pretrained(paths["bf16"], dtype=torch.bfloat16)
     if row == "hqq":
         os.environ.setdefault("DISABLE_CUDA", "1")
@@ -193,7 +203,7 @@ def child(row: str, paths: dict[str, str], new_tokens: int, ppl_windows: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "1b"], choices=["smollm2", "1b"])
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=ROWS)
     ap.add_argument("--bits", type=float, default=2.5)
     ap.add_argument(
         "--big-layers",
@@ -210,7 +220,8 @@ def main() -> None:
         return
     rows = []
     for model in args.models:
-        paths = prepare(model, args.bits, args.big_layers)
+        codecs = tuple(dict.fromkeys(r.split("-")[2] for r in args.rows if r.startswith("vc-")))
+        paths = prepare(model, args.bits, args.big_layers, codecs)
         new_tokens, windows = (32, 16) if model == "smollm2" else (8, 0)
         for row in args.rows:
             cmd = [sys.executable, __file__, "--child", row, json.dumps(paths), str(new_tokens), str(windows)]
