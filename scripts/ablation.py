@@ -81,7 +81,8 @@ def main() -> None:
     ref = rows[0]["ppl"] if rows and rows[0]["variant"] == "defaults" else None
     lines = [f"`{Path(src).name}`, target {args.bits} bits/weight, codec {args.codec}; {args.windows} windows x "
              f"{args.seqlen} tokens; FP perplexity {fp:.2f}. One change at a time from the defaults.", "",
-             "| variant | change | all-in bpw | perplexity | × FP | vs defaults |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| variant | change | all-in bpw | perplexity | × FP | vs defaults |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         vs = f"{100 * (r['ppl'] / ref - 1):+.1f}%" if ref else "-"
         lines.append(f"| {r['variant']} | `{json.dumps(r['changes'])}` | {r['bpw']:.3f} | {r['ppl']:.2f} | "
