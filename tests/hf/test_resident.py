@@ -188,3 +188,15 @@ def test_residency_on_cuda_gives_the_cpu_logits(request, fixture, resident):
     assert (out - ref).abs().max() < 1e-3 and torch.equal(out, again)  # GPU float order differs from the CPU's
     if resident == "bitstream":
         assert model.vc_bitstream_window.pool.backend_used in ("triton", "nvdec", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resident", ["int8", "bitstream"])
+def test_rans_residency_on_cuda_with_the_triton_decoder(tiny_rans, resident):
+    _cuda_or_skip()
+    path, ref = tiny_rans
+    config = VcQuantizationConfig(resident=resident, decode_backend="triton")
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda", quantization_config=config)
+    with torch.no_grad():
+        out = model(IDS.cuda()).logits.cpu()
+    assert (out - ref).abs().max() < 1e-3

@@ -13,8 +13,9 @@ Backend policy (:func:`choose_backend`), by family:
 * video: ``"auto"`` decodes on NVDEC when the target is a CUDA device and NVDEC can decode the
   record's codec there (codecs verified on a GPU: HEVC), else with FFmpeg / dav1d on the CPU;
   ``"nvdec"`` fails if NVDEC cannot run (and is how the AV1 NVDEC path is opted into).
-* rANS: ``"auto"`` decodes with the Triton kernel when the target is a CUDA device and Triton
-  runs there, else with the native CPU decoder; ``"triton"`` fails if it cannot run.
+* rANS: ``"triton"`` decodes with the Triton kernel on a CUDA device (fails if it cannot run);
+  ``"auto"`` decodes with the native CPU decoder and copies to the device until the Triton path
+  has been verified on a GPU (:data:`~vc_quant.codec.rans.triton_decode.TRITON_VERIFIED`).
 
 ``"cpu"`` always decodes on the CPU.
 """
@@ -62,12 +63,15 @@ def choose_backend(device: torch.device | str, codec: str, requested: str = "aut
             raise VcBackendUnavailableError(f"decode_backend={gpu!r} decodes to CUDA devices, not {device}")
         return "cpu", None
     if family == "rans":
-        from vc_quant.codec.rans.triton_decode import triton_status
+        from vc_quant.codec.rans.triton_decode import TRITON_VERIFIED, triton_status
 
         status = triton_status()
-        if status:
+        if requested == "auto" and not TRITON_VERIFIED:
+            reason = "the Triton rANS decoder has not been verified on a GPU yet; decode_backend='triton' opts in"
+        elif status:
             return "triton", None
-        reason = status.reason
+        else:
+            reason = status.reason
     else:
         from vc_quant.codec.video.backends.nvcodec import NVDEC_CODECS, NVDEC_VERIFIED, nvdec_status
 

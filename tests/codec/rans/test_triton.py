@@ -48,6 +48,16 @@ print("ok")
 
 
 @needs_triton
+def test_auto_keeps_rans_on_the_cpu_until_triton_is_verified_on_a_gpu():
+    from vc_quant.codec.decode import choose_backend
+    from vc_quant.codec.rans import triton_decode
+
+    if triton_decode.TRITON_VERIFIED:
+        pytest.skip("verified: auto uses Triton")
+    backend, reason = choose_backend("cuda", "rans", "auto")
+    assert backend == "cpu" and "decode_backend='triton' opts in" in reason
+
+
 def test_triton_decoder_is_bit_identical_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=600)
@@ -87,8 +97,8 @@ def test_decode_tensor_on_cuda_uses_triton(cuda):
 
     w = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0)) * 0.02
     enc = encode_tensor(w, 2.5, codec="rans")
-    assert choose_backend(cuda, "rans") == ("triton", None)
-    gpu = decode_tensor(enc, device=cuda)
+    assert choose_backend(cuda, "rans", "triton") == ("triton", None)
+    gpu = decode_tensor(enc, device=cuda, backend="triton")
     cpu = decode_tensor(enc)
     assert gpu.device.type == "cuda"
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-6)  # the same integers; the inverse rotation in another order

@@ -26,6 +26,10 @@ from vc_quant.codec.rans.bitstream import RansStream
 from vc_quant.codec.rans.tables import decode_lut
 from vc_quant.errors import VcBackendUnavailableError, VcCorruptDataError
 
+#: "auto" sends rANS records to this decoder once it has run bit-identical on a GPU
+#: (scripts/gpu_check.sh); until then decode_backend="triton" opts in
+TRITON_VERIFIED = False
+
 
 @dataclass(frozen=True)
 class TritonStatus:
