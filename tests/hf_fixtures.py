@@ -25,10 +25,12 @@ def tiny_src(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_quantized(tiny_src, tmp_path_factory):
-    """The tiny model quantized at 3 bits and saved; returns (path, logits of the in-memory model)."""
+    """The tiny model quantized at 3 bits with HEVC (the video family: frame layouts, NVDEC) and saved;
+    returns (path, logits of the in-memory model)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=vc_quant.VcQuantizationConfig(bits=3))
+    config = vc_quant.VcQuantizationConfig(bits=3, codec="hevc")
+    model = AutoModelForCausalLM.from_pretrained(tiny_src, quantization_config=config)
     path = tmp_path_factory.mktemp("tiny_q")
     model.save_pretrained(path)
     with torch.no_grad():

@@ -95,8 +95,9 @@ def test_values_near_the_fp16_limit_that_fit_still_decode_finite():
         ({"bits": 3, "preset": "bogus"}, "preset='bogus'"),
         ({"bits": 3, "seed": "x"}, "seed='x'"),
         ({"bits": 3, "tile": "2048"}, "tile='2048'"),
-        ({"bits": 3, "encoder_params": "csv=/tmp/x.csv"}, "'csv' is not an allowed hevc parameter"),
-        ({"bits": 3, "encoder_params": "rdoq-level=9"}, "rdoq-level='9'"),
+        ({"bits": 3, "codec": "hevc", "encoder_params": "csv=/tmp/x.csv"}, "'csv' is not an allowed hevc parameter"),
+        ({"bits": 3, "codec": "hevc", "encoder_params": "rdoq-level=9"}, "rdoq-level='9'"),
+        ({"bits": 3, "encoder_params": "rdoq-level=2"}, "an option of the video codecs, not of codec='rans'"),
         ({"bits": 3, "codec": "av1", "encoder_params": "stat-file=/tmp/x"}, "'stat-file' is not an allowed av1"),
     ],
 )
@@ -115,10 +116,12 @@ def test_bad_codec_options_are_refused_before_any_encode(options, match):
         ({"tile": "2048"}, "tile='2048'"),
         ({"bits": 9}, r"bits=9.*\[1, 8\]"),
         ({"overrides": {"x": "3"}}, r"overrides\['x'\]"),
-        ({"encoder_params": "csv=/any/path"}, "'csv' is not an allowed"),
-        ({"encoder_params": "analysis-save=/tmp/a"}, "'analysis-save' is not an allowed"),
-        ({"encoder_params": "frobnicate=1"}, "'frobnicate' is not an allowed"),
-        ({"codec": "h264", "decode_backend": "nvdec"}, "NVDEC path decodes"),
+        ({"codec": "hevc", "encoder_params": "csv=/any/path"}, "'csv' is not an allowed"),
+        ({"codec": "hevc", "encoder_params": "analysis-save=/tmp/a"}, "'analysis-save' is not an allowed"),
+        ({"codec": "hevc", "encoder_params": "frobnicate=1"}, "'frobnicate' is not an allowed"),
+        ({"encoder_params": "rdoq-level=2"}, "an option of the video codecs"),
+        ({"codec": "rans", "quantizer": "tcq"}, "quantizer='tcq'"),
+        ({"codec": "rans", "preset": "slow"}, "preset='slow' is an option of the video codecs"),
         ({"resident": "fp4"}, "resident='fp4'"),
         ({"prefetch": -1}, "prefetch=-1"),
         ({"min_numel": 1.5}, "min_numel=1.5"),
@@ -129,6 +132,13 @@ def test_bad_codec_options_are_refused_before_any_encode(options, match):
 def test_config_holes_are_closed(kwargs, match):
     with pytest.raises(VcConfigError, match=match):
         VcQuantizationConfig(**kwargs)
+
+
+def test_a_decoder_that_cannot_decode_the_checkpoints_codec_is_refused_at_load(tiny_quantized):
+    # a loading config does not know the checkpoint's codec: the check runs once they are merged
+    config = VcQuantizationConfig(decode_backend="triton")  # tiny_quantized holds HEVC records
+    with pytest.raises(VcConfigError, match="does not decode codec='hevc'; its GPU decoder is 'nvdec'"):
+        AutoModelForCausalLM.from_pretrained(tiny_quantized[0], quantization_config=config)
 
 
 def test_a_missing_calibration_file_fails_before_loading(tiny_src, tmp_path):

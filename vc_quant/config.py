@@ -172,19 +172,9 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             self.codec_options()
         except VcConfigError as exc:
             raise VcConfigError(f"VcQuantizationConfig: {exc}") from exc
-        if self.decode_backend == "nvdec":
-            from vc_quant.codec.video.backends.nvcodec import NVDEC_CODECS
-
-            if self.codec not in NVDEC_CODECS:
-                raise VcConfigError(
-                    f"decode_backend='nvdec' with codec={self.codec!r}: the NVDEC path decodes {NVDEC_CODECS}; "
-                    "use decode_backend='cpu' or 'auto'"
-                )
-        if self.decode_backend == "triton" and self.codec != "rans":
-            raise VcConfigError(
-                f"decode_backend='triton' with codec={self.codec!r}: the Triton decoder decodes codec='rans'; "
-                "use decode_backend='cpu', 'nvdec' or 'auto'"
-            )
+        # decode_backend is a loading attribute: whether it decodes the codec is checked against the
+        # checkpoint's records when they are decoded (codec.decode.choose_backend), not against this
+        # config's codec, which a loading config does not set
 
     def uses_fisher(self) -> bool:
         """Whether quantizing runs the Fisher pass (for the allocation or the column scales)."""

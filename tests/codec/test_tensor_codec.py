@@ -1,4 +1,4 @@
-"""Round trips, rate accuracy, determinism and integrity of the tensor codec.
+"""Round trips, rate accuracy, determinism and integrity of the tensor codec (video family first, then rANS).
 
 Error thresholds come from measurements on this codec (README, "Codec"): at
 3 bits/value a Gaussian matrix reaches relative MSE ≈ 0.03 (≈2x the Shannon
@@ -13,6 +13,11 @@ from vc_quant.codec.decode import decode_tensors_alike
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 
 
+def hevc(t, bits=None, **options):
+    """The video family's reference codec (these tests check its rate control, QP and layout)."""
+    return encode_tensor(t, bits, **{"codec": "hevc", **options})
+
+
 def rel_mse(a, b):
     return float(((a.float() - b.float()) ** 2).sum() / (b.float() ** 2).sum())
 
@@ -22,7 +27,7 @@ def rel_mse(a, b):
 def test_round_trip_shapes_and_dtypes(shape, dtype):
     g = torch.Generator().manual_seed(len(shape))
     t = (torch.randn(shape, generator=g) * 0.05).to(dtype)
-    enc = encode_tensor(t, 4.0)
+    enc = hevc(t, 4.0)
     out = decode_tensor(enc)
     assert out.shape == t.shape and out.dtype == dtype
     assert rel_mse(out, t) < 0.02  # measured <= 0.011 (small tensors encode at a large tensor's step)
@@ -30,7 +35,7 @@ def test_round_trip_shapes_and_dtypes(shape, dtype):
 
 @pytest.mark.parametrize("bits", [1.5, 2.5, 4.0, 6.0])
 def test_rate_lands_within_tolerance(gaussian, bits):
-    enc = encode_tensor(gaussian(256, 256, seed=int(bits * 10)), bits)
+    enc = hevc(gaussian(256, 256, seed=int(bits * 10)), bits)
     assert abs(enc.bits_per_value - bits) <= 0.03
     # measured mean 1.5-1.9 full encodes on real weights; x265's rate is locally noisy
     assert enc.stats["full_encodes"] <= 4
@@ -38,14 +43,14 @@ def test_rate_lands_within_tolerance(gaussian, bits):
 
 def test_fractional_rates_are_reached_by_amplitude_not_luck(gaussian):
     w = gaussian(512, 512)
-    a, b = encode_tensor(w, 2.5), encode_tensor(w, 2.6)
+    a, b = hevc(w, 2.5), hevc(w, 2.6)
     assert 0.05 < b.bits_per_value - a.bits_per_value < 0.15
     assert rel_mse(decode_tensor(b), w) < rel_mse(decode_tensor(a), w)
 
 
 def test_quality_at_3_bits_beats_rtn_at_a_higher_rate(gaussian):
     w = gaussian(512, 512, seed=5)
-    enc = encode_tensor(w, 3.0)
+    enc = hevc(w, 3.0)
     err = rel_mse(decode_tensor(enc), w)
     assert err < 0.04  # measured ~0.031; Shannon bound for a Gaussian: 2^-6 = 0.0156
     rtn_err = rel_mse(rtn_quantize(w, 3, 128, rotation=True), w)
@@ -54,7 +59,7 @@ def test_quality_at_3_bits_beats_rtn_at_a_higher_rate(gaussian):
 
 
 def test_bits_per_value_counts_every_stored_byte(gaussian):
-    enc = encode_tensor(gaussian(256, 300), 3.0)
+    enc = hevc(gaussian(256, 300), 3.0)
     stored = sum(t.numel() * t.element_size() for t in enc.to_dict().values())
     assert enc.bits_per_value == pytest.approx(8 * stored / (256 * 300))
     assert stored > enc.bitstream.numel()  # scales and metadata are counted too
@@ -62,9 +67,9 @@ def test_bits_per_value_counts_every_stored_byte(gaussian):
 
 def test_deterministic_bytes(gaussian):
     w = gaussian(300, 320, seed=2)
-    a, b = encode_tensor(w, 2.5, seed=7), encode_tensor(w, 2.5, seed=7)
+    a, b = hevc(w, 2.5, seed=7), hevc(w, 2.5, seed=7)
     assert torch.equal(a.bitstream, b.bitstream) and a.meta == b.meta
-    c = encode_tensor(w, 2.5, seed=8)
+    c = hevc(w, 2.5, seed=8)
     assert not torch.equal(a.bitstream, c.bitstream)
 
 
@@ -73,20 +78,20 @@ def test_deterministic_bytes(gaussian):
 )
 def test_options_round_trip(gaussian, options):
     w = gaussian(400, 512, seed=3)
-    enc = encode_tensor(w, 3.0, **options)
+    enc = hevc(w, 3.0, **options)
     assert abs(enc.bits_per_value - 3.0) <= 0.03
     assert rel_mse(decode_tensor(enc), w) < 0.06
 
 
 def test_fixed_qp_bypasses_rate_control(gaussian):
     w = gaussian(256, 256)
-    lo, hi = encode_tensor(w, None, qp=40), encode_tensor(w, None, qp=20)
+    lo, hi = hevc(w, None, qp=40), hevc(w, None, qp=20)
     assert lo.meta["qp"] == 40 and lo.stats["full_encodes"] == 1
     assert lo.bits_per_value < hi.bits_per_value
 
 
 def test_serialised_record_round_trips(gaussian):
-    enc = encode_tensor(gaussian(256, 256), 2.5)
+    enc = hevc(gaussian(256, 256), 2.5)
     d = {k: v.clone() for k, v in enc.to_dict().items()}
     back = EncodedTensor.from_dict(d, name="w")
     assert torch.equal(decode_tensor(back), decode_tensor(enc))
@@ -94,7 +99,7 @@ def test_serialised_record_round_trips(gaussian):
 
 
 def test_corrupted_bitstream_is_detected(gaussian):
-    d = encode_tensor(gaussian(256, 256), 2.5).to_dict()
+    d = hevc(gaussian(256, 256), 2.5).to_dict()
     d["bitstream"] = d["bitstream"].clone()
     d["bitstream"][len(d["bitstream"]) // 2] ^= 0x40
     with pytest.raises(VcCorruptDataError, match=r"layer\.w: checksum"):
@@ -102,18 +107,18 @@ def test_corrupted_bitstream_is_detected(gaussian):
 
 
 def test_truncated_bitstream_is_detected(gaussian):
-    d = encode_tensor(gaussian(256, 256), 2.5).to_dict()
+    d = hevc(gaussian(256, 256), 2.5).to_dict()
     d["bitstream"] = d["bitstream"][:-10]
     with pytest.raises(VcCorruptDataError, match="truncated"):
         EncodedTensor.from_dict(d, name="w")
 
 
 def test_corrupted_scale_and_metadata_are_detected(gaussian):
-    d = encode_tensor(gaussian(256, 256), 2.5).to_dict()
+    d = hevc(gaussian(256, 256), 2.5).to_dict()
     d["step"] = d["step"] * 2
     with pytest.raises(VcCorruptDataError, match="checksum"):
         EncodedTensor.from_dict(d)
-    d = encode_tensor(gaussian(256, 256), 2.5).to_dict()
+    d = hevc(gaussian(256, 256), 2.5).to_dict()
     d["meta"] = d["meta"][:-3]
     with pytest.raises(VcCorruptDataError, match="JSON"):
         EncodedTensor.from_dict(d)
@@ -124,7 +129,7 @@ def test_non_finite_input_is_rejected(bad, match):
     t = torch.zeros(10, 10)
     t[3, 4] = bad
     with pytest.raises(VcInputError, match=match):
-        encode_tensor(t, 3.0, name="model.w")
+        hevc(t, 3.0, name="model.w")
 
 
 @pytest.mark.parametrize(
@@ -141,23 +146,23 @@ def test_non_finite_input_is_rejected(bad, match):
 )
 def test_bad_options_raise_clear_errors(kwargs, match):
     with pytest.raises(VcConfigError, match=match):
-        encode_tensor(torch.ones(16, 16), **kwargs)
+        hevc(torch.ones(16, 16), **kwargs)
 
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(VcInputError, match="empty"):
-        encode_tensor(torch.zeros(0, 5), 3.0)
+        hevc(torch.zeros(0, 5), 3.0)
     with pytest.raises(VcInputError, match=r"dtype torch\.int64"):
-        encode_tensor(torch.zeros(5, 5, dtype=torch.int64), 3.0)
+        hevc(torch.zeros(5, 5, dtype=torch.int64), 3.0)
     with pytest.raises(VcInputError, match=r"torch\.Tensor"):
-        encode_tensor([1.0, 2.0], 3.0)
+        hevc([1.0, 2.0], 3.0)
 
 
 @pytest.mark.slow
 def test_real_weights_beat_rtn_at_equal_rate(smollm2_state):
     """SmolLM2 layer-10 down_proj: codec at 2.5 bpw vs RTN 2-bit g32 (3.0 bpw)."""
     w = smollm2_state["model.layers.10.mlp.down_proj.weight"]
-    enc = encode_tensor(w, 2.5)
+    enc = hevc(w, 2.5)
     assert abs(enc.bits_per_value - 2.5) <= 0.03
     err = rel_mse(decode_tensor(enc), w)
     rtn = min(rel_mse(rtn_quantize(w, 2, 32, rotation=r), w) for r in (False, True))
@@ -166,26 +171,26 @@ def test_real_weights_beat_rtn_at_equal_rate(smollm2_state):
 
 def test_small_tensors_skip_rate_control_but_keep_quality():
     t = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
-    enc = encode_tensor(t, 3.0)
+    enc = hevc(t, 3.0)
     assert enc.stats["rate_controlled"] is False  # headers + smallest frame exceed a 3-bit budget
     assert rel_mse(decode_tensor(enc), t) < 0.04  # measured 0.025, like a large tensor at 3 bits
 
 
 def test_encoder_params_reach_the_encoder_and_are_validated(gaussian):
     w = gaussian(256, 256)
-    plain = encode_tensor(w, None, qp=24, encoder_params="")
-    rdoq = encode_tensor(w, None, qp=24)  # the default: rdoq-level=2
+    plain = hevc(w, None, qp=24, encoder_params="")
+    rdoq = hevc(w, None, qp=24)  # the default: rdoq-level=2
     assert not torch.equal(plain.bitstream, rdoq.bitstream)  # RDOQ changes the coded levels
     assert rel_mse(decode_tensor(rdoq), w) < 0.05
     with pytest.raises(VcConfigError, match="encoder_params"):
-        encode_tensor(w, 3.0, encoder_params="rdoq level=2")
+        hevc(w, 3.0, encoder_params="rdoq level=2")
 
 
 @pytest.mark.parametrize("shape", [(384, 64), (1000,), (3, 2, 40, 64)])
 @pytest.mark.parametrize("options", [{}, {"scale": "row"}, {"rotation": False}])
 def test_batched_decode_equals_one_by_one(shape, options):
     g = torch.Generator().manual_seed(1)
-    encs = [encode_tensor(torch.randn(shape, generator=g), 3.0, **options) for _ in range(3)]
+    encs = [hevc(torch.randn(shape, generator=g), 3.0, **options) for _ in range(3)]
     batched = decode_tensors_alike(encs)
     assert batched.shape == (3, *shape)
     for i, enc in enumerate(encs):
@@ -193,7 +198,7 @@ def test_batched_decode_equals_one_by_one(shape, options):
 
 
 def test_batched_decode_refuses_mixed_records(gaussian):
-    a, b = encode_tensor(gaussian(64, 64), 3.0), encode_tensor(gaussian(64, 96), 3.0)
+    a, b = hevc(gaussian(64, 64), 3.0), hevc(gaussian(64, 96), 3.0)
     with pytest.raises(VcConfigError, match="differ"):
         decode_tensors_alike([a, b])
 

@@ -158,7 +158,7 @@ def test_bad_config_values_name_the_field(kwargs, match):
 
 def test_config_round_trips_through_dict():
     cfg = VcQuantizationConfig(
-        bits=3.25, overrides={"a": 4}, modules_to_not_convert=["x"], encoder_params="rdoq-level=2"
+        bits=3.25, overrides={"a": 4}, modules_to_not_convert=["x"], codec="hevc", encoder_params="rdoq-level=2"
     )
     again = VcQuantizationConfig.from_dict(cfg.to_dict())
     assert again.to_dict() == cfg.to_dict()

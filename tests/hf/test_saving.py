@@ -115,6 +115,7 @@ def test_save_writes_a_model_card_but_keeps_the_users(tiny_quantized, tmp_path):
     model.save_pretrained(tmp_path / "a")
     card = (tmp_path / "a" / "README.md").read_text()
     assert "vc_quant" in card and "HEVC" in card and "bits per weight" in card and "pip install vc_quant" in card
+    # (the tiny_quantized fixture is an HEVC checkpoint; rANS checkpoints name their codec as such)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "README.md").write_text("my card")
     model.save_pretrained(tmp_path / "b")

@@ -148,12 +148,12 @@ class EncodedTensor:
             if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
                 raise VcCorruptDataError(f"{name}: metadata field {key!r} is missing or malformed")
         self._check_common(name)
-        if rans:
-            self._check_rans(name)
-        else:
+        if not rans:
             self._check_video(name)
         if checksum(self) != meta["crc32"]:
             raise VcCorruptDataError(f"{name}: checksum mismatch (the stored bitstream or scales are corrupted)")
+        if rans:  # after the CRC (nothing here allocates): plain damage is reported as such
+            self._check_rans(name)
         stored = meta.get("name")
         if version >= 2 and expect_name is not None and not _same_tensor(stored, expect_name):
             raise VcCorruptDataError(

@@ -113,8 +113,16 @@ class VcHfQuantizer(HfQuantizer):
                 f"resident={self.quantization_config.resident!r} with disk offload: offloaded weights are "
                 "stored dense; load with VcQuantizationConfig(resident='dense')"
             )
-        if self.quantization_config.decode_backend == "nvdec":
-            status = nvdec_status(self.quantization_config.codec)
+        backend, codec = self.quantization_config.decode_backend, self.quantization_config.codec
+        if backend in ("nvdec", "triton"):  # the merged config: the checkpoint's codec, the user's backend
+            from vc_quant.codec.decode import GPU_BACKEND
+
+            family = "rans" if codec == "rans" else "video"
+            if GPU_BACKEND[family] != backend:
+                raise VcConfigError(f"decode_backend={backend!r} does not decode codec={codec!r}; its GPU decoder "
+                                    f"is {GPU_BACKEND[family]!r} (or use 'auto' / 'cpu')")  # fmt: skip
+        if backend == "nvdec":
+            status = nvdec_status(codec)
             if not status:
                 raise VcConfigError(f"decode_backend='nvdec' but NVDEC cannot run here: {status.reason}")
 

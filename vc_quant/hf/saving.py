@@ -96,7 +96,7 @@ tags: [vc_quant, quantized]
 ---
 # {Path(str(getattr(model.config, "name_or_path", "") or folder.name)).name} — vc_quant {rate} bits per weight
 
-{tensors} stored as intra-coded **{config.codec.upper()}** video bitstreams at {rate} bits per weight
+{tensors} stored as {_codec_words(config.codec)} at {rate} bits per weight
 (all overhead counted; `allocation={config.allocation!r}`, rotation {"on" if config.rotation else "off"}).
 Embeddings, the output head and norms are stored in full precision.
 
@@ -114,6 +114,12 @@ checks every tensor of this checkpoint.
     tmp = card.with_name(card.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(card)
+
+
+def _codec_words(codec: str) -> str:
+    if codec == "rans":
+        return "**rANS** tensor bitstreams (trellis-coded quantization, interleaved rANS)"
+    return f"intra-coded **{codec.upper()}** video bitstreams"
 
 
 def save_atomic(model, path: str | Path, tokenizer=None, **save_kwargs) -> Path:

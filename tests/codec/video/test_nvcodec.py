@@ -38,7 +38,7 @@ def test_status_never_raises_and_says_why():
 def test_unusable_nvdec_raises_with_the_reason(monkeypatch, gaussian):
     unusable = nvcodec.NvdecStatus(False, "no NVDEC in this test")
     monkeypatch.setattr(nvcodec, "nvdec_status", lambda codec="hevc": unusable)
-    enc = encode_tensor(gaussian(64, 64), 4.0)
+    enc = encode_tensor(gaussian(64, 64), 4.0, codec="hevc")
     with pytest.raises(VcBackendUnavailableError, match="no NVDEC in this test"):
         nvcodec.decode_tensor_nvdec(enc, device="cuda")
 
