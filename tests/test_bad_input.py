@@ -97,7 +97,8 @@ def test_values_near_the_fp16_limit_that_fit_still_decode_finite():
         ({"bits": 3, "tile": "2048"}, "tile='2048'"),
         ({"bits": 3, "codec": "hevc", "encoder_params": "csv=/tmp/x.csv"}, "'csv' is not an allowed hevc parameter"),
         ({"bits": 3, "codec": "hevc", "encoder_params": "rdoq-level=9"}, "rdoq-level='9'"),
-        ({"bits": 3, "encoder_params": "rdoq-level=2"}, "an option of the video codecs, not of codec='rans'"),
+        ({"bits": 3, "codec": "rans", "encoder_params": "rdoq-level=2"}, "an option of the video codecs, not of "
+         "codec='rans'"),
         ({"bits": 3, "codec": "av1", "encoder_params": "stat-file=/tmp/x"}, "'stat-file' is not an allowed av1"),
     ],
 )
@@ -119,7 +120,7 @@ def test_bad_codec_options_are_refused_before_any_encode(options, match):
         ({"codec": "hevc", "encoder_params": "csv=/any/path"}, "'csv' is not an allowed"),
         ({"codec": "hevc", "encoder_params": "analysis-save=/tmp/a"}, "'analysis-save' is not an allowed"),
         ({"codec": "hevc", "encoder_params": "frobnicate=1"}, "'frobnicate' is not an allowed"),
-        ({"encoder_params": "rdoq-level=2"}, "an option of the video codecs"),
+        ({"codec": "rans", "encoder_params": "rdoq-level=2"}, "an option of the video codecs"),
         ({"codec": "rans", "quantizer": "tcq"}, "quantizer='tcq'"),
         ({"codec": "rans", "preset": "slow"}, "preset='slow' is an option of the video codecs"),
         ({"resident": "fp4"}, "resident='fp4'"),
