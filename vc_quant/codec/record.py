@@ -78,6 +78,8 @@ class EncodedTensor:
     #: encoder-side facts (not stored): number of full encodes, amplitude, …
     stats: dict = field(default_factory=dict, repr=False, compare=False)
     col_scale: torch.Tensor | None = None  # float16 (cols,): columns were multiplied by it before encoding
+    #: decode-side state derived from the stored bytes (a parsed rANS stream), built once
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:

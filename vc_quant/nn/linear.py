@@ -80,6 +80,7 @@ class VcLinear(nn.Linear):
         self.source: RecordSource | None = None  # where the stored record lives (for saving)
         self.fingerprint: int | None = None  # of the resident weight when its record was attached
         self.window: BitstreamWindow | None = None  # decodes ahead in bitstream mode
+        self._bitstream_record: tuple | None = None  # (weight identity, record) in bitstream mode
 
     @classmethod
     def like(cls, linear: nn.Linear, resident: str = "dense", bitstream_bytes: int = 0) -> VcLinear:
@@ -151,8 +152,14 @@ class VcLinear(nn.Linear):
         if self.source is None:
             raise VcConfigError("this VcLinear holds no record")
         if self.resident == "bitstream":
-            return EncodedTensor(self.weight.cpu(), self.weight_center, self.weight_step, self.meta,
-                                 col_scale=self.col_scale)  # fmt: skip
+            key = (id(self.weight), self.weight._version, self.weight.device)
+            if self._bitstream_record is None or self._bitstream_record[0] != key:
+                # built once while the resident bytes stay the same: its parsed stream is kept with it
+                # (the window decodes every layer at every forward)
+                enc = EncodedTensor(self.weight.cpu(), self.weight_center, self.weight_step, self.meta,
+                                    col_scale=self.col_scale)  # fmt: skip
+                self._bitstream_record = (key, enc)
+            return self._bitstream_record[1]
         return self.source.load()
 
     def to_dense(self) -> None:

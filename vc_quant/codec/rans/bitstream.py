@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -63,6 +64,13 @@ class RansStream:
     @property
     def dq(self) -> bool:
         return self.quantizer == "dq"
+
+    @cached_property
+    def lut(self) -> np.ndarray:
+        """The decoders' slot table (built once per stream: the KV cache decodes its blocks every step)."""
+        from vc_quant.codec.rans.tables import decode_lut
+
+        return decode_lut(self.tables)
 
 
 def n_segments(n: int, lanes: int, lane_len: int) -> int:

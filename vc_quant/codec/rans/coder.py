@@ -63,7 +63,7 @@ def decode_levels(stream: RansStream, out: np.ndarray, workers: int | None = Non
         reference.decode(stream, out, name)
         return out
     lib = native.lib()
-    lut = tb.decode_lut(stream.tables)
+    lut = stream.lut
     segs = stream.n_segments
     workers = max(1, min(workers or os.cpu_count() or 1, segs // _MIN_SEGMENTS_PER_JOB))
     bounds = np.linspace(0, segs, workers + 1).round().astype(np.int64)

@@ -22,8 +22,12 @@ from vc_quant.codec.record import FLOAT_DTYPES, EncodedTensor, matrix_shape
 
 
 def stream_of(enc: EncodedTensor, name: str = "tensor") -> bs.RansStream:
-    rows, cols = matrix_shape(enc.meta["shape"])
-    return bs.parse(enc.bitstream.cpu().numpy(), rows * cols, name)
+    """The record's parsed stream (parsed once and kept with the record: blocks decode every step)."""
+    stream = enc.derived.get("stream")
+    if stream is None:
+        rows, cols = matrix_shape(enc.meta["shape"])
+        stream = enc.derived["stream"] = bs.parse(enc.bitstream.cpu().numpy(), rows * cols, name)
+    return stream
 
 
 def samples_cpu(
