@@ -16,6 +16,11 @@ states cross with ``StageBoundary`` at each rate, and uncompressed through the s
   at --grad-bits (error feedback); the training loss curves (PNG), the validation loss of
   the result (evaluated uncompressed) and the bytes on the wire each way.
 
+* torch's own engine (``torch.distributed.pipelining``, :mod:`vc_quant.distributed.engine`):
+  the same split as ``PipelineStage``s under GPipe and 1F1B, hidden states and their gradients
+  in fixed-size carriers (compressed, or raw fp32 through the same carriers): perplexity of
+  the eval windows through ``schedule.eval`` and the same fine-tuning run, in microbatches.
+
     python scripts/bench_pipeline.py [--windows 16] [--train-steps 40] [--out results/pipeline]
 """
 
@@ -163,12 +168,70 @@ def training(rank: int, act_bits, grad_bits, d: dict) -> dict:
             "bwd_bytes": boundary.backward_link.bytes, "bwd_elements": boundary.backward_link.elements}  # fmt: skip
 
 
+def engine(rank: int, schedule: str, act_bits, grad_bits, d: dict, mode: str) -> dict:
+    """The split model under torch.distributed.pipelining: eval perplexity or the fine-tuning run."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from vc_quant.distributed.engine import CompressedStage, FixedLink
+
+    torch.manual_seed(0)
+    stage = stage_model(rank)
+    hidden, vocab = stage.config.hidden_size, stage.config.vocab_size
+    if mode == "eval":
+        batches, n_mb = d["eval"].split(4), 2
+    else:
+        batches, n_mb = d["train"], TRAIN_BATCH
+    rows, seq = batches[0].shape
+    mb = rows // n_mb
+    fwd, bwd = FixedLink.shared((mb, seq, hidden), act_bits, grad_bits if mode == "train" else act_bits)
+    wrapped = CompressedStage(stage, send=(fwd, bwd) if rank == 0 else None, recv=(fwd, bwd) if rank == 1 else None)
+    training = mode == "train"
+    ex_in = torch.zeros(mb, seq, dtype=torch.long) if rank == 0 else fwd.example(training=training)
+    ex_out = fwd.example(training=training) if rank == 0 else torch.zeros(mb, seq, vocab)
+    pipe = PipelineStage(wrapped, rank, 2, torch.device("cpu"), input_args=(ex_in,), output_args=(ex_out,))
+
+    def loss_fn(logits, target):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten())
+
+    sched = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](pipe, n_mb, loss_fn=loss_fn)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    if mode == "eval":
+        nll = count = 0
+        with torch.no_grad():
+            for batch in batches:
+                if rank == 0:
+                    sched.eval(batch)
+                else:
+                    logits = sched.eval(target=batch)
+                    nll += float(loss_fn(logits, batch)) * batch[:, 1:].numel()
+                    count += batch[:, 1:].numel()
+        result = {"ppl": math.exp(nll / count) if rank == 1 else None}
+    else:
+        opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
+        for batch in batches:
+            opt.zero_grad(set_to_none=True)
+            if rank == 0:
+                sched.step(batch)
+            else:
+                out: list = []
+                sched.step(target=batch, losses=out)
+                losses.append(float(sum(out) / len(out)))
+            opt.step()
+        result = {}
+    link = fwd if rank == 0 else bwd  # each rank encodes one direction
+    return {**result, "losses": losses, "seconds": time.perf_counter() - t0, "bytes": link.stats.bytes,
+            "elements": link.stats.elements, "refits": link.refits}  # fmt: skip
+
+
 def worker(rank: int, world: int, port: int, job: dict, d: dict, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     if job["kind"] == "inference":
         result = inference(rank, job["bits"], d, job["gen_tokens"])
+    elif job["kind"] == "engine":
+        result = engine(rank, job["schedule"], job["act_bits"], job["grad_bits"], d, job["mode"])
     else:
         result = training(rank, job["act_bits"], job["grad_bits"], d)
     torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -189,11 +252,11 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--grad-bits", type=float, nargs="+", default=[4.0, 6.0])
     ap.add_argument("--out", default=default_out("pipeline"), help="results folder (committed: results/pipeline)")
-    ap.add_argument("--skip", choices=["inference", "training"], nargs="*", default=[])
+    ap.add_argument("--skip", choices=["inference", "training", "engine"], nargs="*", default=[])
     args = ap.parse_args()
     out = Path(args.out)
     d = data(args.windows, args.train_steps)
-    report = {"inference": [], "training": []}
+    report = {"inference": [], "training": [], "engine": []}
     if "inference" not in args.skip:
         for bits in [None, *args.bits]:
             s0, s1 = run({"kind": "inference", "bits": bits, "gen_tokens": args.gen_tokens}, d, out / "raw")
@@ -213,6 +276,18 @@ def main() -> None:
                    "fwd_wire_bits": 8 * s0["fwd_bytes"] / s0["fwd_elements"],
                    "bwd_wire_bits": 8 * s1["bwd_bytes"] / s1["bwd_elements"]}  # fmt: skip
             report["training"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    if "engine" not in args.skip:
+        jobs = [("gpipe", "eval", None, None), ("gpipe", "eval", 3.5, None), ("gpipe", "train", None, None),
+                ("gpipe", "train", 3.5, 4.0), ("1f1b", "train", None, None), ("1f1b", "train", 3.5, 4.0)]  # fmt: skip
+        for schedule, mode, act, grad in jobs:
+            job = {"kind": "engine", "schedule": schedule, "mode": mode, "act_bits": act, "grad_bits": grad}
+            s0, s1 = run(job, d, out / "raw")
+            row = {"schedule": schedule, "mode": mode, "act_bits": act, "grad_bits": grad, "ppl": s1.get("ppl"),
+                   "losses": s1["losses"], "fwd_wire_bits": 8 * s0["bytes"] / max(s0["elements"], 1),
+                   "bwd_wire_bits": 8 * s1["bytes"] / max(s1["elements"], 1) if s1["elements"] else None,
+                   "seconds": max(s0["seconds"], s1["seconds"]), "refits": s0["refits"] + s1["refits"]}  # fmt: skip
+            report["engine"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
     write(report, out, args)
 
@@ -245,13 +320,26 @@ def write(report: dict, out: Path, args) -> None:
                   "bits/element forward | bits/element backward |", "|---|---|---|---|---|"]  # fmt: skip
         for r in tr:
             name = f"{r['act_bits'] or 'raw'} / {r['grad_bits'] or 'raw'}"
-            last = sum(r["losses"][-5:]) / 5
+            last = sum(r["losses"][-5:]) / len(r["losses"][-5:])
             change = 100 * (r["val_loss"] / ref["val_loss"] - 1)
             lines.append(f"| {name} | {last:.4f} | {r['val_loss']:.4f} ({change:+.2f}%) "
                          f"| {r['fwd_wire_bits']:.3f} | {r['bwd_wire_bits']:.3f} |")  # fmt: skip
         curves = {f"activations {r['act_bits'] or 'raw'}, gradients {r['grad_bits'] or 'raw'}":
                   (list(range(1, len(r["losses"]) + 1)), r["losses"]) for r in tr}  # fmt: skip
         plot_curves(curves, "step", "training loss", out / "bench_pipeline_training.png")
+    eng = report.get("engine", [])
+    if eng:
+        lines += ["", "torch.distributed.pipelining (PipelineStage + schedule), fixed-size carriers; eval: the "
+                  f"{args.windows} windows in microbatches of 2; train: the run above in microbatches of 1.", "",
+                  "| schedule | mode | activations / gradients | perplexity or final train loss (mean of last 5) | "
+                  "bits/element forward | bits/element backward | carrier refits | s |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in eng:
+            name = f"{r['act_bits'] or 'raw'} / {r['grad_bits'] or ('raw' if r['mode'] == 'train' else '-')}"
+            value = f"{r['ppl']:.3f}" if r["mode"] == "eval" else f"{sum(r['losses'][-5:]) / len(r['losses'][-5:]):.4f}"
+            bwd = f"{r['bwd_wire_bits']:.3f}" if r["bwd_wire_bits"] is not None else "-"
+            lines.append(f"| {r['schedule']} | {r['mode']} | {name} | {value} | {r['fwd_wire_bits']:.3f} | {bwd} | "
+                         f"{r['refits']} | {r['seconds']:.0f} |")  # fmt: skip
     (out / "bench_pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
