@@ -170,9 +170,9 @@ def training(rank: int, act_bits, grad_bits, d: dict) -> dict:
 
 def engine(rank: int, schedule: str, act_bits, grad_bits, d: dict, mode: str) -> dict:
     """The split model under torch.distributed.pipelining: eval perplexity or the fine-tuning run."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
-    from vc_quant.distributed.engine import CompressedStage, FixedLink
+    from vc_quant.distributed.engine import FixedLink, build_stage
 
     torch.manual_seed(0)
     stage = stage_model(rank)
@@ -184,11 +184,8 @@ def engine(rank: int, schedule: str, act_bits, grad_bits, d: dict, mode: str) ->
     rows, seq = batches[0].shape
     mb = rows // n_mb
     fwd, bwd = FixedLink.shared((mb, seq, hidden), act_bits, grad_bits if mode == "train" else act_bits)
-    wrapped = CompressedStage(stage, send=(fwd, bwd) if rank == 0 else None, recv=(fwd, bwd) if rank == 1 else None)
-    training = mode == "train"
-    ex_in = torch.zeros(mb, seq, dtype=torch.long) if rank == 0 else fwd.example(training=training)
-    ex_out = fwd.example(training=training) if rank == 0 else torch.zeros(mb, seq, vocab)
-    pipe = PipelineStage(wrapped, rank, 2, torch.device("cpu"), input_args=(ex_in,), output_args=(ex_out,))
+    pipe = build_stage(stage, rank, [(fwd, bwd)], torch.zeros(mb, seq, dtype=torch.long),
+                       torch.zeros(mb, seq, vocab), training=mode == "train")  # fmt: skip
 
     def loss_fn(logits, target):
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten())

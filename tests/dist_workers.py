@@ -247,10 +247,10 @@ def trainer_hook(rank: int, world: int) -> dict:
 def engine_schedule(rank: int, world: int, model_dir: str, bits, schedule: str, steps: int) -> dict:
     """torch.distributed.pipelining with compressed carriers: a tiny Llama in 2 stages, ``steps`` SGD steps
     on fixed data, then an eval pass; rank 1 returns the losses, the eval logits and the link's bytes."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
     from transformers import AutoModelForCausalLM
 
-    from vc_quant.distributed.engine import CompressedStage, FixedLink
+    from vc_quant.distributed.engine import FixedLink, build_stage
     from vc_quant.distributed.stages import DecoderStage
 
     torch.manual_seed(0)
@@ -259,10 +259,7 @@ def engine_schedule(rank: int, world: int, model_dir: str, bits, schedule: str, 
     mb, seq, n_mb = 2, 48, 4
     fwd, bwd = FixedLink.shared((mb, seq, hidden), bits, bits)
     stage = DecoderStage(model, rank, 2)
-    wrapped = CompressedStage(stage, send=(fwd, bwd) if rank == 0 else None, recv=(fwd, bwd) if rank == 1 else None)
-    ex_in = torch.zeros(mb, seq, dtype=torch.long) if rank == 0 else fwd.example()
-    ex_out = fwd.example() if rank == 0 else torch.zeros(mb, seq, vocab)
-    pipe = PipelineStage(wrapped, rank, 2, torch.device("cpu"), input_args=(ex_in,), output_args=(ex_out,))
+    pipe = build_stage(stage, rank, [(fwd, bwd)], torch.zeros(mb, seq, dtype=torch.long), torch.zeros(mb, seq, vocab))
 
     def loss_fn(logits, target):
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), target[:, 1:].reshape(-1))

@@ -19,7 +19,7 @@ from vc_quant.distributed.ddp import (
     use_with_accelerate,
     vc_allreduce_hook,
 )
-from vc_quant.distributed.engine import CompressedStage, FixedLink
+from vc_quant.distributed.engine import CompressedStage, FixedLink, build_stage
 from vc_quant.distributed.inflight import InflightCodec, InflightRecord, WireStats, pack, unpack
 from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
@@ -31,6 +31,7 @@ __all__ = [
     "StageBoundary",
     "VcHookState",
     "WireStats",
+    "build_stage",
     "ddp_kwargs",
     "linear_schedule",
     "pack",

@@ -187,3 +187,24 @@ class CompressedStage(nn.Module):
         if self.send is not None:
             y = _SendOutput.apply(y, *self.send)
         return y
+
+
+def build_stage(
+    module: nn.Module, rank: int, links: list[tuple[FixedLink, FixedLink]], first_input: torch.Tensor,
+    last_output: torch.Tensor, device: torch.device | str = "cpu", training: bool = True,
+):  # fmt: skip
+    """A ``torch.distributed.pipelining.PipelineStage`` for stage ``rank`` of ``len(links) + 1`` stages.
+
+    ``links[i]``: the (forward, backward) links of the boundary between stages i and i + 1.
+    ``first_input`` / ``last_output``: example microbatch input of the first stage and output of
+    the last (the carriers' examples come from the links). ``training``: gradients cross.
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    num_stages = len(links) + 1
+    send = links[rank] if rank < num_stages - 1 else None
+    recv = links[rank - 1] if rank > 0 else None
+    wrapped = CompressedStage(module, send=send, recv=recv)
+    ex_in = first_input if recv is None else recv[0].example(device, training)
+    ex_out = last_output if send is None else send[0].example(device, training)
+    return PipelineStage(wrapped, rank, num_stages, torch.device(device), input_args=(ex_in,), output_args=(ex_out,))
