@@ -415,3 +415,16 @@ int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_e
     }
     return 0;
 }
+
+/* Decode `count` independent streams in one call (the KV cache decodes all of a layer's blocks at
+ * every step): stream i has its own words, segment offsets, table and output; all share G, L, dq
+ * and n. Returns 0, or (index of the first bad stream) * 16 + its error code. */
+int vc_rans_decode_many(int64_t count, const uint16_t *const *words, const int64_t *n_words,
+                        const uint32_t *const *seg_end, int64_t n_seg, int64_t n, int G, int64_t lane_len,
+                        const uint32_t *const *lut, int dq, int8_t *const *out) {
+    for (int64_t i = 0; i < count; i++) {
+        int rc = vc_rans_decode(words[i], n_words[i], seg_end[i], n_seg, n, G, lane_len, lut[i], dq, out[i], 0, n_seg);
+        if (rc) return (int)(i * 16 + rc);
+    }
+    return 0;
+}

@@ -85,11 +85,11 @@ def decode_alike_rans(encs: list[EncodedTensor], dtype: torch.dtype = torch.floa
     rows, cols = matrix_shape(first["shape"])
     samples = np.empty((len(encs), rows * cols), dtype=np.int8)
     streams = [stream_of(e, e.meta.get("name", "tensor")) for e in encs]
-
-    def one(i: int) -> None:
-        coder.decode_levels(streams[i], samples[i], workers=1, name=encs[i].meta.get("name", "tensor"))
-
-    list(coder.pool().map(one, range(len(encs)))) if len(encs) > 1 else one(0)
+    if len({(s.lanes, s.lane_len, s.n_segments) for s in streams}) == 1:
+        coder.decode_many(streams, samples, name=first.get("name", "tensor"))
+    else:  # blocks coded with different lane layouts (not written by the KV cache): one by one
+        for i, stream in enumerate(streams):
+            coder.decode_levels(stream, samples[i], workers=1, name=encs[i].meta.get("name", "tensor"))
     steps = np.concatenate([np.broadcast_to(e.step.reshape(-1).float().numpy(), (rows,)) for e in encs])
     if native.status():
         x = torch.from_numpy(tf.unrotate_levels(samples.reshape(-1, cols), steps, first["rotation_seed"]))

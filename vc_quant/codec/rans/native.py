@@ -43,6 +43,7 @@ _SIGNATURES = {
     "vc_dq_reconstruct": (None, [_p, _p, _i64, _p]),
     "vc_rans_encode": (_i64, [_p, _p, _i64, _i32, _i64, _p, _p, _p, _i64, _p, _p]),
     "vc_rans_decode": (_i32, [_p, _i64, _p, _i64, _i64, _i32, _i64, _p, _i32, _p, _i64, _i64]),
+    "vc_rans_decode_many": (_i32, [_i64, _p, _p, _p, _i64, _i64, _i32, _i64, _p, _i32, _p]),
 }
 
 
