@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 from common import default_out  # scripts/common.py
-from rd_sweep import MODELS, Evaluator, cache_fisher
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from rd_sweep import cache_fisher, open_run
+from transformers import AutoModelForCausalLM
 
 import vc_quant
 from vc_quant.evaluation import load_text, perplexity
@@ -56,14 +56,7 @@ def main() -> None:
     ap.add_argument("--piqa-limit", type=int, default=0)
     ap.add_argument("--out", default=default_out("ablation"), help="results folder (committed: results/ablation/…)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("transformers", "lm_eval", "urllib3", "httpx", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    src = str(MODELS[args.model]()) if args.model in MODELS else args.model
-    tok = AutoTokenizer.from_pretrained(src)
-    evaluate = Evaluator(tok, load_text(args.text), args)
+    out, src, tok, evaluate = open_run(args)
     cache_fisher()
     rows = []
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

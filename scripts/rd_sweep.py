@@ -91,6 +91,19 @@ def cache_fisher() -> dict:
     return cache
 
 
+def open_run(args) -> tuple[Path, str, object, Evaluator]:
+    """What every quality script starts with: quiet logs, the results folder, the model path,
+    its tokenizer and the evaluator of ``args``' protocol (also used by scripts/ablation.py)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("transformers", "lm_eval", "urllib3", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = str(MODELS[args.model]()) if args.model in MODELS else args.model
+    tok = AutoTokenizer.from_pretrained(src)
+    return out, src, tok, Evaluator(tok, load_text(args.text), args)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 | qwen | a plain checkpoint folder")
@@ -113,15 +126,7 @@ def main() -> None:
                     default=["fp", "rtn", "hqq", "sinq", "vc"])  # fmt: skip
     ap.add_argument("--out", default=default_out("rd_sweep"), help="results folder (committed: results/rd_sweep/…)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    for noisy in ("transformers", "lm_eval", "urllib3", "httpx", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    src = str(MODELS[args.model]()) if args.model in MODELS else args.model
-    tok = AutoTokenizer.from_pretrained(src)
-    evaluate = Evaluator(tok, load_text(args.text), args)
+    out, src, _tok, evaluate = open_run(args)
     rows: list[dict] = []
     if args.append and (out / "rd_sweep.json").exists():
         rows = json.loads((out / "rd_sweep.json").read_text())["rows"]

@@ -39,9 +39,9 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             in :data:`~vc_quant.codec.BITS_RANGE`; the average over all quantized weights lands on it.
         codec, rotation, seed, scale: tensor-codec options of both families (see
             :class:`vc_quant.CodecOptions`; defaults are the measured best).
-            ``codec``: a video codec — ``"hevc"`` (default; NVDEC-decoded on load), ``"av1"``,
-            ``"h264"`` — or ``"rans"``, the dedicated tensor codec (trellis quantization and
-            interleaved rANS; Triton-decoded on GPUs).
+            ``codec``: ``"rans"`` (default), the dedicated tensor codec (trellis quantization and
+            interleaved rANS; decoded natively on the CPU, by Triton on GPUs once verified there),
+            or a video codec — ``"hevc"`` (NVDEC-decoded on load), ``"av1"``, ``"h264"``.
         preset, tile, encoder_params: video codecs only (``None``: the codec's measured default;
             ``encoder_params`` is an allowlist, HEVC's default ``"rdoq-level=2"``).
         quantizer: ``codec="rans"`` only: ``"dq"`` (trellis-coded, default) or ``"scalar"``.
@@ -65,9 +65,10 @@ class VcQuantizationConfig(QuantizationConfigMixin):
             (only the compressed bytes; decoded just in time, ``prefetch`` layers ahead).
             A loading attribute: it may be changed when loading a saved checkpoint.
         prefetch: bitstream mode: linear layers decoded ahead of the one running.
-        decode_backend: ``"auto"`` (on a CUDA device NVDEC for video codecs, Triton for rANS,
-            when available; else the CPU), ``"cpu"``, ``"nvdec"`` or ``"triton"`` (fail if
-            unavailable). A loading attribute.
+        decode_backend: ``"auto"`` (on a CUDA device NVDEC for video codecs when available;
+            rANS decodes on the CPU until the Triton decoder has been verified on a GPU, see
+            ``TRITON_VERIFIED``), ``"cpu"``, ``"nvdec"`` or ``"triton"`` (fail if unavailable).
+            A loading attribute.
     """
 
     def __init__(
