@@ -264,8 +264,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series: dict[str, list] = {}
     for r in rows:
-        if r["family"] == "fp" or r.get("artefact"):
-            continue
+        if r["family"] == "fp" or r.get("artefact") or r.get("seed", 0) != 0:
+            continue  # one curve per method: the seed spread is in the table
         key = f"vc_quant {r['variant']}" if r["family"] == "vc" else r["family"].upper() + (
             " +rot" if r.get("rotation") else "")  # fmt: skip
         series.setdefault(key, []).append((r["bpw"], r["ppl"]))

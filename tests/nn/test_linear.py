@@ -13,10 +13,12 @@ from vc_quant.nn.linear import fingerprint, int8_linear
 REL_TOL = {torch.float32: 3e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-def make(resident: str, scale: str = "tensor", shape=(384, 576), dtype=torch.float32, bias=True, seed=0):
+def make(resident: str, scale: str = "tensor", shape=(384, 576), dtype=torch.float32, bias=True, seed=0,
+         codec: str = "hevc"):  # fmt: skip
+    # the video path: its int8 samples reproduce the float decode bit for bit (rANS: to float rounding)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) * 0.02
-    enc = encode_tensor(w, 3.0, scale=scale, name="layer.weight")
+    enc = encode_tensor(w, 3.0, scale=scale, name="layer.weight", codec=codec)
     module = VcLinear(shape[1], shape[0], bias=bias, dtype=dtype, resident=resident)
     if bias:
         module.bias = torch.nn.Parameter(torch.randn(shape[0], generator=g, dtype=torch.float32).to(dtype) * 0.1)
@@ -106,7 +108,7 @@ def test_repr_shows_residency_and_rate():
 def test_column_scaled_records_compute_like_their_dense_decode(resident):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(384, 576, generator=g) * 0.02
-    enc = encode_tensor(w, 3.0, col_scale=torch.rand(576, generator=g) * 4 + 0.25)
+    enc = encode_tensor(w, 3.0, col_scale=torch.rand(576, generator=g) * 4 + 0.25, codec="hevc")
     module = VcLinear(576, 384, bias=False, resident=resident)
     module.set_resident_weight(enc, InMemoryRecord(enc))
     dense = decode_tensor(enc)
