@@ -27,7 +27,7 @@ from rd_sweep import cache_fisher, open_run
 from transformers import AutoModelForCausalLM
 
 import vc_quant
-from vc_quant.evaluation import load_text, perplexity
+from vc_quant.evaluation import perplexity
 
 VARIANTS = {
     "defaults": {},
@@ -60,7 +60,7 @@ def main() -> None:
     cache_fisher()
     rows = []
     base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    fp = perplexity(base, tok, load_text(args.text), args.seqlen, args.windows, bos=True)["ppl"]
+    fp = perplexity(base, tok, evaluate.text, args.seqlen, args.windows, bos=True)["ppl"]  # text read once
     del base
     for label in args.variants:
         cfg = vc_quant.VcQuantizationConfig(**{"bits": args.bits, "codec": args.codec, **VARIANTS[label]})
