@@ -126,7 +126,7 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str, see
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     elements = sum(p.numel() for p in model.parameters())
-    losses, vals, step_s = [], [], []
+    losses, vals, step_s, sent = [], [], [], []
     for step in range(steps):
         batch = train[step, rank]
         t0 = time.perf_counter()
@@ -136,11 +136,12 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str, see
         opt.step()
         sched.step()
         step_s.append(time.perf_counter() - t0)
+        sent.append(state.stats.bytes if state is not None else counter.bytes)  # cumulative, per step
         losses.append(float(loss.detach()))
         if val_every and ((step + 1) % val_every == 0 or step == steps - 1):
             vals.append((step + 1, validation(model.module, val)))
     result = {"row": row, "seed": seed, "losses": losses, "val": vals, "step_s": step_s,
-              "elements_per_step": elements, "allreduce_bytes": counter.bytes}  # fmt: skip
+              "elements_per_step": elements, "allreduce_bytes": counter.bytes, "sent_bytes": sent}  # fmt: skip
     if state is not None:
         st = state.stats
         result.update(wire_bytes=st.bytes, payload_bytes=st.payload_bytes, encode_s=st.encode_s,

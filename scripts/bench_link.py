@@ -7,8 +7,8 @@ shapes both directions with a token-bucket filter at each rate, runs one rank of
 namespaces afterwards (also on errors). No traffic leaves the two namespaces.
 
 Rows: fp32 all-reduce, PowerSGD rank 1 and vc_quant (in-flight default codec) at 2.0 bits;
-step times are the mean over the steps after the first ``--warmup`` (PowerSGD switches on at
-step 2). Printed beside each the projection ``compute + codec + bytes·8 / rate`` from the same
+step times and bytes are the means over the steps after the first ``--warmup`` (PowerSGD
+switches on at step 2). Printed beside each the projection ``compute + codec + bytes·8 / rate`` from the same
 run's loopback measurement in results/ddp (when given with ``--projection``).
 
     sudo python scripts/bench_link.py [--rates 100mbit 1gbit] [--steps 12] [--out results/ddp/link]
@@ -110,7 +110,10 @@ def main() -> None:
             for row in args.rows:
                 res = run_row(row, args.steps, raw, args.codec)
                 steady = res["step_s"][args.warmup :]
-                sent = res.get("wire_bytes", res["allreduce_bytes"]) / len(res["step_s"])
+                # bytes of the same steady steps (PowerSGD sends fp32 for its first 2 steps; the rate
+                # control of vc settles over the first few)
+                cum = res["sent_bytes"]
+                sent = (cum[-1] - cum[args.warmup - 1]) / (len(cum) - args.warmup)
                 entry = {"rate": rate, "row": row, "step_s": sum(steady) / len(steady), "bytes_per_step": sent,
                          "bits_per_element": 8 * sent / res["elements_per_step"]}  # fmt: skip
                 if row in loop and "fp32" in loop:
@@ -123,7 +126,7 @@ def main() -> None:
         teardown()
     (out / "bench_link.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     lines = ["2 ranks in two network namespaces over a veth pair shaped by tc (tbf, both directions); "
-             f"mean step time after {args.warmup} warm-up steps of {args.steps}.", "",
+             f"mean step time and bytes after {args.warmup} warm-up steps of {args.steps}.", "",
              "| link | row | measured step s | projected step s (loopback run) | bits/element on the wire |",
              "|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

@@ -126,7 +126,7 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
 
 def gain_exponent(x: torch.Tensor) -> int:
     """The power of two that brings ``x``'s RMS to ~1 (0 for an all-zero tensor)."""
-    rms = float(x.float().pow(2).mean().sqrt())
+    rms = float(torch.linalg.vector_norm(x.float())) / math.sqrt(max(x.numel(), 1))
     if not math.isfinite(rms) or rms == 0.0:
         return 0
     return max(-_MAX_EXP, min(_MAX_EXP, -round(math.log2(rms))))
