@@ -20,10 +20,19 @@ from vc_quant.distributed.ddp import (
     vc_allreduce_hook,
 )
 from vc_quant.distributed.engine import CompressedStage, FixedLink, build_stage
-from vc_quant.distributed.inflight import InflightCodec, InflightRecord, WireStats, pack, unpack
+from vc_quant.distributed.inflight import (
+    ACTIVATION_DEFAULTS,
+    InflightCodec,
+    InflightRecord,
+    WireStats,
+    activation_options,
+    pack,
+    unpack,
+)
 from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
 __all__ = [
+    "ACTIVATION_DEFAULTS",
     "CompressedStage",
     "FixedLink",
     "InflightCodec",
@@ -31,6 +40,7 @@ __all__ = [
     "StageBoundary",
     "VcHookState",
     "WireStats",
+    "activation_options",
     "build_stage",
     "ddp_kwargs",
     "linear_schedule",
