@@ -7,6 +7,7 @@ from vc_quant.codec.rans import bitstream as bs
 from vc_quant.codec.rans import coder, native, reference
 from vc_quant.codec.rans import quantizer as qz
 from vc_quant.codec.rans import tables as tb
+from vc_quant.errors import VcCorruptDataError
 
 
 def _levels(n: int, quantizer: str, lanes: int, lane_len: int, seed: int = 0, bits: float = 2.5) -> qz.Levels:
@@ -80,3 +81,25 @@ def test_zero_count_levels_inside_the_range_get_no_probability():
     counts[tb.LEVEL_MAX + 2] = 30
     t = tb.quantize_counts(counts)
     assert t.freq.tolist()[1:4] == [0, 0, 0] and int(t.freq.sum()) == tb.PROB_SCALE
+
+
+@pytest.mark.parametrize("quantizer", ["dq", "scalar"])
+def test_damaged_words_in_the_32_lane_decoder_are_refused(quantizer):
+    """The 32-lane specialisation skips bounds checks while a round has a word per lane left;
+    flipped and missing words must still be reported, never read past the segment."""
+    lv = _levels(3 * 32 * 512 + 77, quantizer, 32, 512, seed=3)
+    stream = coder.encode_stream(lv)
+    assert stream.n_segments == 4
+    out = np.empty(lv.n, dtype=np.int8)
+    rng = np.random.default_rng(4)
+    for trial in range(120):
+        words, seg_end = stream.words.copy(), stream.seg_end.copy()
+        if trial % 2:
+            words[int(rng.integers(0, words.size))] ^= np.uint16(1 << int(rng.integers(0, 16)))
+        else:  # the last segment loses its last few words
+            cut = int(rng.integers(1, 40))
+            words, seg_end[-1] = words[:-cut], seg_end[-1] - cut
+        damaged = bs.RansStream(stream.quantizer, stream.lanes, stream.lane_len, stream.n_symbols, stream.tables,
+                                seg_end, words)  # fmt: skip
+        with pytest.raises(VcCorruptDataError):
+            coder.decode_levels(damaged, out, workers=1)

@@ -364,6 +364,54 @@ int64_t vc_rans_encode(const int8_t *k, const uint8_t *ctx, int64_t n, int G, in
     return total;
 }
 
+/* One symbol of lane j (the body of every decoder loop below). DQ and CHECKED are
+ * compile-time constants: the scalar quantizer skips the state machine, and rounds with at
+ * least one word left per lane (each symbol reads at most one) skip the bounds check. */
+static inline __attribute__((always_inline)) void decode_symbol(int dq, int checked, int j, uint32_t *x,
+                                                                uint8_t *st, const uint16_t **pp,
+                                                                const uint16_t *stop, uint32_t *overrun,
+                                                                const uint32_t *lut, const int8_t *recon,
+                                                                int8_t *out) {
+    static const uint16_t zero_word = 0;
+    const uint16_t *ptr = *pp;
+    uint32_t xs = x[j];
+    uint32_t slot = xs & (PROB_SCALE - 1);
+    uint32_t st_j = dq ? st[j] : 0, c = st_j >> 1;
+    uint32_t e = lut[c * PROB_SCALE + slot];
+    xs = (((e >> 8) & 0xFFF) + 1) * (xs >> PROB_BITS) + slot - (e >> 20);
+    /* renormalise without a branch (taken ~1 in 5, unpredictable) */
+    uint32_t need = xs < RANS_L;
+    uint32_t w;
+    if (checked) { /* near the segment's end: read a zero past it and report the overrun */
+        *overrun |= need & (ptr >= stop);
+        w = *(ptr < stop ? ptr : &zero_word);
+    } else {
+        w = *ptr;
+    }
+    x[j] = (xs << (need << 4)) | (w & (0u - need)); /* need ? xs << 16 | w : xs, without a branch */
+    *pp = ptr + need;
+    /* DQ: r = 2k - c sgn(k) (the recon table); next state = c + 2 ((state ^ k) & 1) */
+    *out = dq ? recon[(c << 8) | (e & 0xFF)] : (int8_t)(e & 0xFF);
+    if (dq) st[j] = (uint8_t)(c + (((st_j ^ e) & 1) << 1));
+}
+
+/* The segment's symbols [s0, s1) over G lanes; returns the overrun flag. */
+static inline __attribute__((always_inline)) uint32_t decode_lanes(int dq, int G, int64_t s0, int64_t s1,
+                                                                   uint32_t *x, uint8_t *st,
+                                                                   const uint16_t **pp, const uint16_t *stop,
+                                                                   const uint32_t *lut, const int8_t *recon,
+                                                                   int8_t *out) {
+    uint32_t overrun = 0;
+    int64_t full = (s1 - s0) / G, i = s0, t = 0;
+    for (; t < full && stop - *pp >= G; t++, i += G) /* most rounds: no bounds checks */
+        for (int j = 0; j < G; j++) decode_symbol(dq, 0, j, x, st, pp, stop, &overrun, lut, recon, out + i + j);
+    for (; t <= full; t++) { /* the last rounds of the segment, checked */
+        int lanes = t < full ? G : (int)(s1 - i);
+        for (int j = 0; j < lanes; j++, i++) decode_symbol(dq, 1, j, x, st, pp, stop, &overrun, lut, recon, out + i);
+    }
+    return overrun;
+}
+
 /* Decode segments [seg_lo, seg_hi) into reconstruction integers (int8).
  * lut: [ctx][4096] entries  (uint8)k | (freq - 1) << 8 | cum << 20.  dq: 0 scalar, 1 DQ. */
 int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_end, int64_t n_seg, int64_t n, int G,
@@ -371,7 +419,13 @@ int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_e
     int64_t seg_len = (int64_t)G * lane_len;
     uint32_t x[MAX_LANES];
     uint8_t st[MAX_LANES];
+    int8_t recon[2 * 256]; /* [c][(uint8)k] -> 2k - c sgn(k) */
     if (G < 1 || G > MAX_LANES || seg_lo < 0 || seg_hi > n_seg || seg_lo > seg_hi) return ERR_BAD_SIZES;
+    for (int c = 0; c < 2; c++)
+        for (int b = 0; b < 256; b++) {
+            int kk = (int8_t)b;
+            recon[(c << 8) | b] = (int8_t)(2 * kk - c * sgn(kk));
+        }
     for (int64_t s = seg_lo; s < seg_hi; s++) {
         int64_t start = s ? seg_end[s - 1] : 0, end = seg_end[s];
         int64_t s0 = s * seg_len, s1 = s0 + seg_len < n ? s0 + seg_len : n;
@@ -382,32 +436,12 @@ int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_e
             ptr += 2;
             st[j] = 0;
         }
-        int64_t full = (s1 - s0) / G, i = s0;
-        uint32_t overrun = 0;
-        static const uint16_t zero_word = 0;
-        for (int64_t t = 0; t <= full; t++) {
-            int lanes = t < full ? G : (int)(s1 - i);
-            for (int j = 0; j < lanes; j++, i++) {
-                uint32_t xs = x[j];
-                uint32_t slot = xs & (PROB_SCALE - 1);
-                uint32_t st_j = st[j], c = dq ? st_j >> 1 : 0;
-                uint32_t e = lut[c * PROB_SCALE + slot];
-                int kk = (int8_t)(e & 0xFF);
-                xs = (((e >> 8) & 0xFFF) + 1) * (xs >> PROB_BITS) + slot - (e >> 20);
-                /* renormalise without a branch (taken ~1 in 5, unpredictable): read the next
-                 * word when one is left (a zero otherwise, reported as an overrun below) */
-                uint32_t need = xs < RANS_L;
-                const uint16_t *rp = ptr < stop ? ptr : &zero_word;
-                overrun |= need & (ptr >= stop);
-                uint32_t w = *rp;
-                xs = need ? (xs << 16) | w : xs;
-                ptr += need;
-                x[j] = xs;
-                /* DQ: r = 2k - c sgn(k); next state = c + 2 ((state ^ k) & 1)  (the DQ_NEXT table) */
-                out[i] = (int8_t)(2 * kk - (int)c * sgn(kk) - (dq ? 0 : kk));
-                st[j] = (uint8_t)(c + (((st_j ^ (uint32_t)kk) & 1) << 1));
-            }
-        }
+        uint32_t overrun;
+        /* constant lane counts (the encoder's default is 32) let the compiler unroll the lanes */
+        if (dq && G == 32) overrun = decode_lanes(1, 32, s0, s1, x, st, &ptr, stop, lut, recon, out);
+        else if (!dq && G == 32) overrun = decode_lanes(0, 32, s0, s1, x, st, &ptr, stop, lut, recon, out);
+        else if (dq) overrun = decode_lanes(1, G, s0, s1, x, st, &ptr, stop, lut, recon, out);
+        else overrun = decode_lanes(0, G, s0, s1, x, st, &ptr, stop, lut, recon, out);
         if (overrun) return ERR_OVERRUN;
         if (ptr != stop) return ERR_LEFTOVER;
         for (int j = 0; j < G; j++)
