@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from vc_quant.distributed.ddp import VcHookState
 from vc_quant.distributed.engine import FixedLink
-from vc_quant.distributed.inflight import InflightCodec, activation_options, gain_exponent, unpack
+from vc_quant.distributed.inflight import InflightCodec, gain_exponent, unpack, unrotated_options
 from vc_quant.distributed.pipeline import StageBoundary
 from vc_quant.errors import VcConfigError, VcCorruptDataError
 
@@ -72,13 +73,14 @@ def test_a_rans_record_with_steps_per_row_travels():
     assert torch.allclose(InflightCodec.decode(unpack(packed)), InflightCodec.decode(rec))
 
 
-def test_activations_go_unrotated_with_rans_and_the_user_setting_wins():
-    assert activation_options() == {"rotation": False}
-    assert activation_options({"codec": "av1"}) == {"codec": "av1"}  # measured for rANS only
-    assert activation_options({"rotation": True}) == {"rotation": True}
+def test_activations_and_ddp_buckets_go_unrotated_with_rans_and_the_user_setting_wins():
+    assert unrotated_options() == {"rotation": False}
+    assert unrotated_options({"codec": "av1"}) == {"codec": "av1"}  # measured for rANS only
+    assert unrotated_options({"rotation": True}) == {"rotation": True}
     boundary = StageBoundary(peer=1, forward_bits=3.5, backward_bits=4.0)
     assert boundary._fwd.options["rotation"] is False and "rotation" not in boundary._bwd.options
     fwd, bwd = FixedLink.shared((2, 64, 576), 3.5, 4.0)
+    assert VcHookState(bits=2.0)._codec.options["rotation"] is False
     assert fwd.codec.options["rotation"] is False and "rotation" not in bwd.codec.options
 
 

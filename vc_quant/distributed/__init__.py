@@ -21,18 +21,18 @@ from vc_quant.distributed.ddp import (
 )
 from vc_quant.distributed.engine import CompressedStage, FixedLink, build_stage
 from vc_quant.distributed.inflight import (
-    ACTIVATION_DEFAULTS,
+    UNROTATED_DEFAULTS,
     InflightCodec,
     InflightRecord,
     WireStats,
-    activation_options,
     pack,
     unpack,
+    unrotated_options,
 )
 from vc_quant.distributed.pipeline import StageBoundary, recv_compressed, send_compressed
 
 __all__ = [
-    "ACTIVATION_DEFAULTS",
+    "UNROTATED_DEFAULTS",
     "CompressedStage",
     "FixedLink",
     "InflightCodec",
@@ -40,7 +40,6 @@ __all__ = [
     "StageBoundary",
     "VcHookState",
     "WireStats",
-    "activation_options",
     "build_stage",
     "ddp_kwargs",
     "linear_schedule",
@@ -49,6 +48,7 @@ __all__ = [
     "register",
     "send_compressed",
     "unpack",
+    "unrotated_options",
     "use_in_trainer",
     "use_with_accelerate",
     "vc_allreduce_hook",

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from vc_quant.codec.options import check_bits
-from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack
+from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack, unrotated_options
 from vc_quant.errors import VcConfigError, VcInputError
 
 
@@ -36,7 +36,8 @@ class VcHookState:
         schedule: optional ``step -> bits`` (overrides ``bits``), e.g. :func:`linear_schedule`
             for stronger compression early and weaker later.
         process_group: the group to average over (default: the world).
-        codec: codec options over the in-flight defaults (e.g. ``{"codec": "hevc"}``).
+        codec: codec options over the in-flight defaults and
+            :data:`~vc_quant.distributed.inflight.UNROTATED_DEFAULTS` (e.g. ``{"codec": "hevc"}``).
     """
 
     bits: float = 2.0
@@ -54,7 +55,7 @@ class VcHookState:
         self.bits = check_bits(self.bits, "VcHookState: bits")
         if self.schedule is not None and not callable(self.schedule):
             raise VcConfigError("VcHookState: schedule must be a callable step -> bits")
-        self._codec = InflightCodec(self.bits, dict(self.codec))
+        self._codec = InflightCodec(self.bits, unrotated_options(self.codec))
 
     def bits_now(self) -> float:
         return check_bits(self.schedule(self.step), "VcHookState: schedule(step)") if self.schedule else self.bits

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vc_quant.codec.options import check_bits
-from vc_quant.distributed.inflight import InflightCodec, WireStats, activation_options, unpack
+from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack, unrotated_options
 from vc_quant.distributed.pipeline import MIN_PACKED_ELEMENTS
 from vc_quant.errors import VcConfigError, VcCorruptDataError
 
@@ -60,7 +60,7 @@ class FixedLink:
         self.bits = None if bits is None else check_bits(bits, "FixedLink: bits")
         self.stream = stream
         self.small = self.bits is not None and self.numel < MIN_PACKED_ELEMENTS
-        options = activation_options(codec) if stream == "activations" else dict(codec or {})
+        options = unrotated_options(codec) if stream == "activations" else dict(codec or {})
         self.codec = InflightCodec(self.bits, options) if self.bits is not None else None
         if self.bits is None:
             need = 4 * self.numel

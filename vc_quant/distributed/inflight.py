@@ -18,7 +18,7 @@ never another's): rANS with one step per tensor (rows too large for int8 get the
 the trellis quantizer; the video codecs with one affine map per row of the folded tensor
 (gradients mix parameters of very different scales) at their fastest presets, no encoder
 extras. The default codec was chosen by scripts/bench_ddp.py (docs/results.md). Hidden states
-take :data:`ACTIVATION_DEFAULTS` on top (no rotation with rANS: see there).
+and DDP gradient buckets take :data:`UNROTATED_DEFAULTS` on top (no rotation with rANS: see there).
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ INFLIGHT_DEFAULTS = {
     "h264": {"preset": "ultrafast", "scale": "row"},
 }
 INFLIGHT_CODEC = "rans"
-#: options over :data:`INFLIGHT_DEFAULTS` for hidden states (pipeline activations). They carry a few
-#: channels far larger than the rest (SmolLM2 layer 15: 2 channels hold 46% of the energy); the
-#: rotation spreads those over every channel and the small ones drown in their quantisation noise.
-#: Measured at the layer-15 boundary (4 x 512 tokens, docs/results.md): rANS at 3.5 bits +2.5%
-#: perplexity rotated, -0.05% unrotated; at 2.5 bits +7.9% vs +1.0%.
-ACTIVATION_DEFAULTS = {"rans": {"rotation": False}}
+#: options over :data:`INFLIGHT_DEFAULTS` for pipeline hidden states and DDP gradient buckets: no
+#: rotation with rANS. Both mix values of very different scales along a row (hidden states: a few
+#: channels far larger than the rest, SmolLM2 layer 15: 2 channels hold 46% of the energy; a bucket:
+#: the embedding's gradient beside the norms'), and the rotation spreads the large ones' energy — so
+#: their quantisation noise — over every value of the row. Measured (docs/results.md): hidden states
+#: at layer 15, 3.5 bits, +2.5% perplexity rotated vs -0.05% unrotated; a 7.3 M gradient bucket at
+#: 1.5 bits, median per-parameter relative error 0.31 rotated vs 0.035 unrotated.
+UNROTATED_DEFAULTS = {"rans": {"rotation": False}}
 _HEADER = struct.Struct("<IhB")  # metadata length, gain exponent, map layout flags
 _CENTER_PER_ROW, _STEP_PER_ROW = 1, 2
 _MAX_EXP = 120  # |gain exponent|: keeps 2**exp and its inverse finite in float32
@@ -131,10 +133,10 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
     return InflightRecord(enc, gain_exp)
 
 
-def activation_options(options: dict | None = None) -> dict:
-    """``options`` over :data:`ACTIVATION_DEFAULTS` for the codec they choose (what the user set wins)."""
+def unrotated_options(options: dict | None = None) -> dict:
+    """``options`` over :data:`UNROTATED_DEFAULTS` for the codec they choose (what the user set wins)."""
     options = dict(options or {})
-    return {**ACTIVATION_DEFAULTS.get(options.get("codec", INFLIGHT_CODEC), {}), **options}
+    return {**UNROTATED_DEFAULTS.get(options.get("codec", INFLIGHT_CODEC), {}), **options}
 
 
 def gain_exponent(x: torch.Tensor) -> int:

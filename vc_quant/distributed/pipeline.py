@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from vc_quant.codec.options import BITS_RANGE, check_bits
-from vc_quant.distributed.inflight import InflightCodec, WireStats, activation_options, unpack
+from vc_quant.distributed.inflight import InflightCodec, WireStats, unpack, unrotated_options
 from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
 _RAW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -114,7 +114,7 @@ def send_compressed(
         message, decoded = _part(_SMALL, _raw(small)), small.float()
     else:
         if codec is None:
-            options = activation_options() if stream == "activations" else {}
+            options = unrotated_options() if stream == "activations" else {}
             codec = InflightCodec(check_bits(bits, "send_compressed: bits"), options)
         k = min(sink_tokens, tensor.shape[-2]) if tensor.dim() >= 2 else 0
         sink, body = tensor[..., :k, :].to(torch.float16), tensor[..., k:, :] if k else tensor
@@ -179,7 +179,7 @@ class StageBoundary:
     :func:`send_compressed`). ``error_feedback``: the gradient sender keeps what its codec
     dropped and adds it to the next gradient (the paper's residual compensation for
     activation gradients). ``codec``: in-flight codec options (e.g. ``{"codec": "hevc"}``); the
-    activations take :data:`~vc_quant.distributed.inflight.ACTIVATION_DEFAULTS` under them.
+    activations take :data:`~vc_quant.distributed.inflight.UNROTATED_DEFAULTS` under them.
     """
 
     peer: int
@@ -199,7 +199,7 @@ class StageBoundary:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, check_bits(value, f"StageBoundary: {name}"))
-        self._fwd = InflightCodec(self.forward_bits or 8.0, activation_options(self.codec))
+        self._fwd = InflightCodec(self.forward_bits or 8.0, unrotated_options(self.codec))
         self._bwd = InflightCodec(self.backward_bits or 8.0, dict(self.codec))
         self._residual: torch.Tensor | None = None
 
