@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     ap.add_argument("--codec", default="", help="vc rows' codec (default: the in-flight default)")
     ap.add_argument("--out", default=default_out("ddp"), help="results folder (committed: results/ddp)")
+    ap.add_argument("--reference", default=None, metavar="BENCH_DDP_JSON",
+                    help="take the rows not run here from an earlier run's bench_ddp.json (marked in the table)")
     args = ap.parse_args()
     out = Path(args.out)
     raw = out / "raw"
@@ -188,6 +190,9 @@ def main() -> None:
         worker(args.worker, 2, args.port, args.rows[0], args.steps, str(raw), args.seeds[0], args.codec, args.addr, 0)
         return
     runs = []
+    if args.reference:  # rows of an earlier run, for the rows this run does not repeat
+        earlier = json.loads(Path(args.reference).read_text())["runs"]
+        runs = [r | {"reference": args.reference} for r in earlier if r["row"] not in args.rows]
     for seed in args.seeds:
         windows(args.steps, 2, seed)  # tokenize once, before the workers
         for row in args.rows:
@@ -210,7 +215,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
         avg = {k: sum(r[k] for r in mine) / len(mine) for k in ("bits_per_element", "bytes_per_step", "step_s",
                                                                  "encode_s", "exchange_s", "decode_s", "codec_s")}
         rows.append({"row": row, "seeds": [r["seed"] for r in mine], "val_losses": losses, "val_loss": mean,
-                     "val_std": std, **avg})  # fmt: skip
+                     "val_std": std, "reference": mine[0].get("reference"), **avg})  # fmt: skip
     return rows
 
 
@@ -222,7 +227,8 @@ def write(runs: list[dict], out: Path, args) -> None:
         return
     compute = ref["step_s"]
     lines = [f"2 ranks (gloo, 1 core each), {args.steps} steps, seeds {args.seeds}, 7.3 M parameters; val = 32 "
-             "windows x 128 tokens; loss = mean over seeds (± sample std), vs fp32's mean.", "",
+             "windows x 128 tokens; loss = mean over seeds (± sample std), vs fp32's mean."
+             + (f" Rows marked 'earlier run' are from {args.reference}." if args.reference else ""), "",
              "| row | val loss (vs fp32) | ± std | per seed | bits/element on the wire | step s | codec s / compute s "
              "| encode / exchange / decode s | " + " | ".join(f"projected step s @ {k}" for k in LINKS) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(LINKS)]  # fmt: skip
@@ -232,8 +238,9 @@ def write(runs: list[dict], out: Path, args) -> None:
         proj = " | ".join(f"{compute + extra + r['bytes_per_step'] * 8 / bps:.3f}" for bps in LINKS.values())
         split = f"{r['encode_s']:.3f} / {r['exchange_s']:.3f} / {r['decode_s']:.3f}" if vc else "-"
         per_seed = ", ".join(f"{v:.4f}" for v in r["val_losses"])
+        label = r["row"] + (" (earlier run)" if r.get("reference") else "")
         lines.append(
-            f"| {r['row']} | {r['val_loss']:.4f} ({100 * (r['val_loss'] / ref['val_loss'] - 1):+.2f}%) | "
+            f"| {label} | {r['val_loss']:.4f} ({100 * (r['val_loss'] / ref['val_loss'] - 1):+.2f}%) | "
             f"{r['val_std']:.4f} | {per_seed} | {r['bits_per_element']:.3f} | {r['step_s']:.3f} | "
             f"{(r['codec_s'] / compute if vc else 0.0):.3f} | {split} | {proj} |"
         )
