@@ -57,7 +57,7 @@ def hook_contract(rank: int, world: int, bits: float) -> dict:
         return out
 
     ddp._gather = recording_gather
-    checks = {"mean_diff": [], "residual_diff": [], "payload_bytes": 0, "wire_bytes": 0}
+    checks = {"mean_diff": [], "residual_diff": [], "payload_bytes": 0, "wire_bytes": 0, "layout": [], "gains": []}
     model = torch.nn.parallel.DistributedDataParallel(_mlp())
     state = VcHookState(bits=bits)
 
@@ -66,10 +66,15 @@ def hook_contract(rank: int, world: int, bits: float) -> dict:
         kept = before is not None and before.shape == bucket.buffer().shape  # dropped across a bucket rebuild
         x = bucket.buffer().detach().clone() + (before if kept else 0)
         gathered.clear()
+        # the per-parameter gains assume the buffer is the parameters' gradients end to end
+        flat = torch.cat([g.reshape(-1) for g in bucket.gradients()])
+        checks["layout"].append(torch.equal(flat, bucket.buffer()))
         fut = vc_allreduce_hook(st, bucket)
         result = fut.value()
         sizes, payloads = [int(s) for s in gathered[0]], gathered[1]
-        decoded = [decode(unpack(p[:n])) for p, n in zip(payloads, sizes, strict=True)]
+        records = [unpack(p[:n]) for p, n in zip(payloads, sizes, strict=True)]
+        checks["gains"].append([n for n, _ in records[rank].segments] == [g.numel() for g in bucket.gradients()])
+        decoded = [decode(r) for r in records]
         checks["mean_diff"].append(float((result - torch.stack(decoded).mean(0)).abs().max()))
         checks["residual_diff"].append(float((st._residuals[bucket.index()] - (x - decoded[rank])).abs().max()))
         checks["payload_bytes"] += sizes[rank]

@@ -13,6 +13,7 @@ def test_hook_averages_the_decoded_streams_and_feeds_back_the_exact_residual(tmp
     for r in results:
         assert len(r["mean_diff"]) >= 3 and max(r["mean_diff"]) < 1e-6  # averaged = decoded mean of what was sent
         assert max(r["residual_diff"]) == 0.0  # error feedback keeps exactly what the codec dropped
+        assert all(r["layout"]) and all(r["gains"])  # one gain per parameter, in the buffer's order
         assert r["stats"].payload_bytes == r["payload_bytes"]  # bytes counted = bitstream sizes
         assert r["stats"].bytes == r["wire_bytes"]  # + the size message and the padding
         assert 1.5 < r["stats"].bits_per_element < 3.5

@@ -7,7 +7,7 @@ from vc_quant.distributed.ddp import VcHookState
 from vc_quant.distributed.engine import FixedLink
 from vc_quant.distributed.inflight import InflightCodec, gain_exponent, unpack, unrotated_options
 from vc_quant.distributed.pipeline import StageBoundary
-from vc_quant.errors import VcConfigError, VcCorruptDataError
+from vc_quant.errors import VcConfigError, VcCorruptDataError, VcInputError
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,3 +95,52 @@ def test_unrotated_coding_keeps_the_small_channels_of_hidden_states():
         back = InflightCodec.decode(rec)
         small[rotation] = float(((back - x)[:, 2:] ** 2).sum() / (x[:, 2:] ** 2).sum())
     assert small[False] < 0.8 * small[True], small  # measured: 0.0117 vs 0.0173
+
+
+def two_scale_bucket() -> tuple[torch.Tensor, list[int]]:
+    """A bucket-like tensor: a large part beside one 1000x smaller (a norm's gradient beside the embedding's)."""
+    gen = torch.Generator().manual_seed(3)
+    big, small = torch.randn(200_000, generator=gen), torch.randn(20_000, generator=gen) * 1e-3
+    return torch.cat([big, small]), [big.numel(), small.numel()]
+
+
+def test_segment_gains_give_every_part_its_own_relative_error():
+    x, lengths = two_scale_bucket()
+    one_gain, _ = InflightCodec(2.0).encode(x)
+    per_part, rec = InflightCodec(2.0).encode(x, segments=lengths)
+    assert [n for n, _ in rec.segments] == lengths
+    shared = InflightCodec.decode(unpack(one_gain))
+    back = InflightCodec.decode(unpack(per_part))
+    assert torch.equal(back, InflightCodec.decode(rec))  # the gains travel with the record
+    small = slice(lengths[0], None)
+    assert rel_err(shared[small], x[small]) > 0.9  # one gain: the small part decodes to ~zero
+    assert rel_err(back[small], x[small]) < 0.3
+    assert rel_err(back[: lengths[0]], x[: lengths[0]]) < 0.3
+    assert 8 * per_part.numel() / x.numel() < 2.2  # 5 bytes per segment, rate-searched first encode
+
+
+def test_segments_that_do_not_split_the_tensor_are_refused():
+    x, lengths = two_scale_bucket()
+    with pytest.raises(VcInputError, match="segments"):
+        InflightCodec(2.0).encode(x, "bucket0", segments=[lengths[0], lengths[1] + 1])
+
+
+def test_crafted_segment_gains_are_refused():
+    x, lengths = two_scale_bucket()
+    packed, _ = InflightCodec(2.0).encode(x, segments=lengths)
+    meta_len = int(packed[:4].view(torch.int32))
+    count_at = 7 + meta_len
+    for patch, what in (((0xFF, 0xFF, 0xFF, 0x7F), "segment gains"),  # a count larger than the record
+                        ((0x00, 0x00, 0x00, 0x00), "segment gains")):  # fmt: skip
+        bad = packed.clone()
+        bad[count_at : count_at + 4] = torch.tensor(patch, dtype=torch.uint8)
+        with pytest.raises(VcCorruptDataError, match=what):
+            unpack(bad)
+    bad = packed.clone()
+    bad[count_at + 4] ^= 1  # the first length: the lengths no longer sum to the tensor's size
+    with pytest.raises(VcCorruptDataError, match="do not fit"):
+        unpack(bad)
+    bad = packed.clone()
+    bad[count_at + 4 + 4 * len(lengths)] = 127  # an exponent outside the float32 range
+    with pytest.raises(VcCorruptDataError, match="do not fit"):
+        unpack(bad)

@@ -3,7 +3,9 @@
     from vc_quant.distributed import VcHookState, vc_allreduce_hook
     ddp_model.register_comm_hook(VcHookState(bits=2.0), vc_allreduce_hook)
 
-Per gradient bucket: add the residual the codec dropped last step (error feedback), encode
+Per gradient bucket: add the residual the codec dropped last step (error feedback), give
+each parameter's gradient its own power-of-two gain (parameters differ in gradient scale by
+orders of magnitude; one gain for the bucket zeroes the small ones), encode
 once at the predicted step (:class:`~vc_quant.distributed.inflight.InflightCodec`), keep
 the new residual, exchange the variable-length bitstreams with ``all_gather`` (sizes
 first, then the payloads padded to the largest), decode every rank's stream and average.
@@ -38,6 +40,8 @@ class VcHookState:
         process_group: the group to average over (default: the world).
         codec: codec options over the in-flight defaults and
             :data:`~vc_quant.distributed.inflight.UNROTATED_DEFAULTS` (e.g. ``{"codec": "hevc"}``).
+        per_parameter: one power-of-two gain per parameter of the bucket (sent: 5 bytes each), so
+            every parameter's gradient gets about the same relative error; False: one for the bucket.
     """
 
     bits: float = 2.0
@@ -45,6 +49,7 @@ class VcHookState:
     schedule: Callable[[int], float] | None = None
     process_group: dist.ProcessGroup | None = None
     codec: dict = field(default_factory=dict)
+    per_parameter: bool = True
     stats: WireStats = field(default_factory=WireStats)  # this rank: sizes + padded payloads it gathered
     step: int = 0  # the iteration being reduced (0-based; advanced at bucket 0, reduced first in backward)
     _iterations: int = field(default=0, init=False, repr=False)
@@ -66,6 +71,12 @@ def linear_schedule(start_bits: float, end_bits: float, steps: int) -> Callable[
     check_bits(start_bits, "start_bits")
     check_bits(end_bits, "end_bits")
     return lambda step: start_bits + (end_bits - start_bits) * min(step, steps) / max(steps, 1)
+
+
+def _parameter_lengths(bucket: dist.GradBucket) -> list[int] | None:
+    """The bucket's per-parameter lengths (its buffer is their gradients end to end), or None."""
+    lengths = [g.numel() for g in bucket.gradients()]
+    return lengths if sum(lengths) == bucket.buffer().numel() else None
 
 
 def _gather(tensor: torch.Tensor, group, world: int) -> list[torch.Tensor]:
@@ -93,7 +104,8 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
     # the old layout cannot be mapped onto the new one and is dropped (once)
     if state.error_feedback and residual is not None and residual.shape == x.shape:
         x = x + residual
-    packed, enc = state._codec.encode(x, stream=f"bucket{index}", bits=state.bits_now())
+    packed, enc = state._codec.encode(x, stream=f"bucket{index}", bits=state.bits_now(),
+                                      segments=_parameter_lengths(bucket) if state.per_parameter else None)
     own = state._codec.decode(enc)
     if state.error_feedback:
         state._residuals[index] = x - own.reshape(x.shape)

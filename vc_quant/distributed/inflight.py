@@ -5,13 +5,19 @@ One encode per tensor at a *predicted* quantiser step (no rate search): a
 cache uses — learns from the rates the codec actually produced, so the running rate
 lands on ``bits``. A record travels as one flat uint8 tensor (:func:`pack` /
 :func:`unpack`): a 4-byte metadata length, a 2-byte gain exponent, a flags byte (which of
-centre and step are per row), the JSON metadata, the affine map and the bitstream. Every byte of it is counted as sent.
+centre and step are per row, whether segment gains follow), the JSON metadata, the segment
+gains (a uint32 count, the lengths as uint32, the exponents as int8), the affine map and the
+bitstream. Every byte of it is counted as sent.
 
 Gradients are tiny (activation gradients of a mean loss: ~1e-6 and below), and the per-row
 affine map is fp16, whose steps underflow there: the decoder then returns noise (measured:
 relative error ~1e3-1e4 on SmolLM2 activation gradients). So each tensor is first scaled by
 a power of two that brings its RMS to ~1 — exact in floating point — and the exponent
-travels with the record.
+travels with the record. A tensor made of parts of different scales (a DDP bucket: one
+gradient per parameter) can take one such gain per part (``segments``): the codec's one step
+then gives every part about the same *relative* error, where one gain for the whole bucket
+zeroes the small parts (measured on the bench model's bucket at step 5, 1.5 bits: a tenth of
+the parameters decoded to zero; docs/results.md).
 
 Defaults per codec (:data:`INFLIGHT_DEFAULTS`; choosing a codec takes that codec's defaults,
 never another's): rANS with one step per tensor (rows too large for int8 get their own) and
@@ -54,7 +60,9 @@ INFLIGHT_CODEC = "rans"
 #: 1.5 bits, median per-parameter relative error 0.31 rotated vs 0.035 unrotated.
 UNROTATED_DEFAULTS = {"rans": {"rotation": False}}
 _HEADER = struct.Struct("<IhB")  # metadata length, gain exponent, map layout flags
-_CENTER_PER_ROW, _STEP_PER_ROW = 1, 2
+_CENTER_PER_ROW, _STEP_PER_ROW, _SEGMENT_GAINS = 1, 2, 4
+_FLAGS = _CENTER_PER_ROW | _STEP_PER_ROW | _SEGMENT_GAINS
+_COUNT = struct.Struct("<I")
 _MAX_EXP = 120  # |gain exponent|: keeps 2**exp and its inverse finite in float32
 
 
@@ -82,10 +90,14 @@ class WireStats:
 
 @dataclass
 class InflightRecord:
-    """A tensor in flight: its codec record and the power-of-two gain applied before encoding."""
+    """A tensor in flight: its codec record and the power-of-two gain(s) applied before encoding.
+
+    ``segments``: ``(length, exponent)`` per consecutive part of the flattened tensor when each
+    part had its own gain (then ``gain_exp`` is 0); empty for one gain."""
 
     enc: EncodedTensor
     gain_exp: int = 0
+    segments: tuple[tuple[int, int], ...] = ()
 
 
 def pack(record: InflightRecord) -> torch.Tensor:
@@ -93,9 +105,17 @@ def pack(record: InflightRecord) -> torch.Tensor:
     enc = record.enc
     meta = dump_meta(enc.meta)
     flags = (_CENTER_PER_ROW if enc.center.numel() > 1 else 0) | (_STEP_PER_ROW if enc.step.numel() > 1 else 0)
+    flags |= _SEGMENT_GAINS if record.segments else 0
     header = _HEADER.pack(len(meta), record.gain_exp, flags)
-    parts = [
-        torch.frombuffer(bytearray(header + meta), dtype=torch.uint8),
+    parts = [torch.frombuffer(bytearray(header + meta), dtype=torch.uint8)]
+    if record.segments:
+        lengths, exps = zip(*record.segments, strict=True)
+        parts += [
+            torch.frombuffer(bytearray(_COUNT.pack(len(lengths))), dtype=torch.uint8),
+            torch.tensor(lengths, dtype=torch.int64).to(torch.int32).view(torch.uint8),
+            torch.tensor(exps, dtype=torch.int8).view(torch.uint8),
+        ]
+    parts += [
         enc.center.contiguous().reshape(-1).view(torch.uint8),
         enc.step.contiguous().reshape(-1).view(torch.uint8),
         enc.bitstream.reshape(-1),
@@ -111,14 +131,18 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
     meta_len, gain_exp, flags = _HEADER.unpack(bytes(data[: _HEADER.size].numpy()))
     if meta_len > min(MAX_META_BYTES, data.numel() - _HEADER.size):
         raise VcCorruptDataError(f"{name}: packed record claims {meta_len} bytes of metadata")
-    if abs(gain_exp) > _MAX_EXP or flags & ~(_CENTER_PER_ROW | _STEP_PER_ROW):
+    if abs(gain_exp) > _MAX_EXP or flags & ~_FLAGS:
         raise VcCorruptDataError(f"{name}: packed record has a gain exponent of {gain_exp} / flags {flags}")
     start = _HEADER.size + meta_len
     try:
         meta = json.loads(bytes(data[_HEADER.size : start].numpy()).decode("utf-8"))
         rows, _ = matrix_shape(meta["shape"])
+        numel = math.prod(int(d) for d in meta["shape"])
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VcCorruptDataError(f"{name}: packed record metadata is malformed ({exc})") from exc
+    segments: tuple[tuple[int, int], ...] = ()
+    if flags & _SEGMENT_GAINS:
+        segments, start = _unpack_segments(data, start, numel, name)
     maps = []
     for per_row in (flags & _CENTER_PER_ROW, flags & _STEP_PER_ROW):
         dtype, count = (torch.float16, rows) if per_row else (torch.float32, 1)
@@ -130,7 +154,30 @@ def unpack(buf: torch.Tensor, name: str = "tensor") -> InflightRecord:
     center, step = maps
     enc = EncodedTensor(data[start:].clone(), center, step, meta)
     enc.verify(name)
-    return InflightRecord(enc, gain_exp)
+    return InflightRecord(enc, gain_exp, segments)
+
+
+def _unpack_segments(data: torch.Tensor, start: int, numel: int, name: str) -> tuple[tuple, int]:
+    """The segment gains at ``start``: checked (count against the bytes left, lengths against the
+    tensor, exponents against the float32 range) before anything is sized by them."""
+    if data.numel() < start + _COUNT.size:
+        raise VcCorruptDataError(f"{name}: packed record is truncated")
+    (count,) = _COUNT.unpack(bytes(data[start : start + _COUNT.size].numpy()))
+    start += _COUNT.size
+    if count == 0 or count > numel or 5 * count > data.numel() - start:
+        raise VcCorruptDataError(f"{name}: packed record claims {count} segment gains")
+    lengths = data[start : start + 4 * count].clone().view(torch.int32).tolist()
+    exps = data[start + 4 * count : start + 5 * count].clone().view(torch.int8).tolist()
+    if min(lengths) < 0 or sum(lengths) != numel or max(abs(e) for e in exps) > _MAX_EXP:
+        raise VcCorruptDataError(f"{name}: packed record's segment gains do not fit its {numel} values")
+    return tuple(zip(lengths, exps, strict=True)), start + 5 * count
+
+
+def _segment_factors(segments: tuple[tuple[int, int], ...], sign: int) -> torch.Tensor:
+    """One power of two per value: ``2**(sign * exponent)`` of the segment it belongs to."""
+    lengths = torch.tensor([n for n, _ in segments], dtype=torch.int64)
+    gains = torch.tensor([2.0 ** (sign * e) for _, e in segments], dtype=torch.float32)
+    return torch.repeat_interleave(gains, lengths)
 
 
 def unrotated_options(options: dict | None = None) -> dict:
@@ -168,17 +215,29 @@ class InflightCodec:
             raise VcConfigError(f"in-flight codec: {exc}") from exc
 
     def encode(
-        self, tensor: torch.Tensor, stream: str = "", bits: float | None = None
+        self, tensor: torch.Tensor, stream: str = "", bits: float | None = None, segments: list[int] | None = None
     ) -> tuple[torch.Tensor, InflightRecord]:
-        """``(packed bytes, record)`` of ``tensor`` at ``bits`` (default ``self.bits``)."""
+        """``(packed bytes, record)`` of ``tensor`` at ``bits`` (default ``self.bits``).
+
+        ``segments``: lengths of consecutive parts of the flattened tensor that each get their
+        own power-of-two gain (e.g. one per parameter of a DDP bucket); they must sum to its size."""
+        name = stream or "tensor"
         if not tensor.is_floating_point():
-            raise VcInputError(f"{stream or 'tensor'}: in-flight compression needs a float tensor, got {tensor.dtype}")
+            raise VcInputError(f"{name}: in-flight compression needs a float tensor, got {tensor.dtype}")
         target = self.bits if bits is None else check_bits(bits, "bits")
-        exp = gain_exponent(tensor.detach())
-        scaled = tensor.detach().float() * 2.0**exp  # exact: a power of two (see the module docstring)
-        enc = encode_tensor(scaled, target, name=stream or "tensor", **self.predictor.encode_options(stream),
-                            **self.options)  # fmt: skip
-        record = InflightRecord(enc, exp)
+        x = tensor.detach().float()
+        exp, parts = 0, ()
+        if segments is not None and len(segments) > 1:
+            if any(not 0 <= n < 2**31 for n in segments) or sum(segments) != x.numel():
+                raise VcInputError(f"{name}: segments {list(segments)[:4]}... do not split its {x.numel()} values")
+            pieces = x.reshape(-1).split(list(segments))
+            parts = tuple((p.numel(), gain_exponent(p)) for p in pieces)
+            scaled = (x.reshape(-1) * _segment_factors(parts, 1)).reshape(x.shape)  # exact: powers of two
+        else:
+            exp = gain_exponent(x)
+            scaled = x * 2.0**exp  # exact: a power of two (see the module docstring)
+        enc = encode_tensor(scaled, target, name=name, **self.predictor.encode_options(stream), **self.options)
+        record = InflightRecord(enc, exp, parts)
         packed = pack(record)
         self.predictor.update(stream, 8.0 * packed.numel() / enc.numel, target, enc.stats)
         return packed, record
@@ -189,6 +248,8 @@ class InflightCodec:
     ) -> torch.Tensor:
         enc = record.enc
         out = decode_tensor(enc, device=device, dtype=torch.float32, name=enc.meta.get("name", "tensor"))
-        if record.gain_exp:
+        if record.segments:
+            out = (out.reshape(-1) * _segment_factors(record.segments, -1).to(out.device)).reshape(out.shape)
+        elif record.gain_exp:
             out = out * 2.0**-record.gain_exp
         return out if dtype is None or dtype == torch.float32 else out.to(dtype)
