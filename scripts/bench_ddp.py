@@ -42,8 +42,8 @@ import torch.multiprocessing as mp
 from common import default_out, free_port, plot_curves  # scripts/common.py
 
 BUCKET_MB = 64  # > the model's 29 MB of fp32 gradients: one bucket
-ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef"]
-DEFAULT_ROWS = ROWS[:-1]
+ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef", "vc-1.25"]
+DEFAULT_ROWS = ROWS[:-2]  # vc-1.25: the equal-bytes partner of PowerSGD rank 4, on request
 SEQ, BATCH, VAL_WINDOWS, LR = 128, 8, 32, 2e-3
 LINKS = {"1 Gbit/s": 1e9, "10 Gbit/s": 1e10, "100 Gbit/s": 1e11}
 
