@@ -173,11 +173,11 @@ def _unpack_segments(data: torch.Tensor, start: int, numel: int, name: str) -> t
     return tuple(zip(lengths, exps, strict=True)), start + 5 * count
 
 
-def _segment_factors(segments: tuple[tuple[int, int], ...], sign: int) -> torch.Tensor:
-    """One power of two per value: ``2**(sign * exponent)`` of the segment it belongs to."""
-    lengths = torch.tensor([n for n, _ in segments], dtype=torch.int64)
-    gains = torch.tensor([2.0 ** (sign * e) for _, e in segments], dtype=torch.float32)
-    return torch.repeat_interleave(gains, lengths)
+def _scale_segments(pieces: tuple[torch.Tensor, ...], segments: tuple[tuple[int, int], ...], sign: int) -> None:
+    """Multiply each piece (a view) in place by ``2**(sign * exponent)`` of its segment."""
+    for piece, (_, exp) in zip(pieces, segments, strict=True):
+        if exp:
+            piece.mul_(2.0 ** (sign * exp))
 
 
 def unrotated_options(options: dict | None = None) -> dict:
@@ -230,9 +230,13 @@ class InflightCodec:
         if segments is not None and len(segments) > 1:
             if any(not 0 <= n < 2**31 for n in segments) or sum(segments) != x.numel():
                 raise VcInputError(f"{name}: segments {list(segments)[:4]}... do not split its {x.numel()} values")
-            pieces = x.reshape(-1).split(list(segments))
+            flat = x.reshape(-1)
+            if flat.data_ptr() == tensor.data_ptr():  # the caller's storage: never scaled in place
+                flat = flat.clone()
+            pieces = flat.split(list(segments))
             parts = tuple((p.numel(), gain_exponent(p)) for p in pieces)
-            scaled = (x.reshape(-1) * _segment_factors(parts, 1)).reshape(x.shape)  # exact: powers of two
+            _scale_segments(pieces, parts, 1)  # exact: powers of two
+            scaled = flat.reshape(x.shape)
         else:
             exp = gain_exponent(x)
             scaled = x * 2.0**exp  # exact: a power of two (see the module docstring)
@@ -248,8 +252,9 @@ class InflightCodec:
     ) -> torch.Tensor:
         enc = record.enc
         out = decode_tensor(enc, device=device, dtype=torch.float32, name=enc.meta.get("name", "tensor"))
-        if record.segments:
-            out = (out.reshape(-1) * _segment_factors(record.segments, -1).to(out.device)).reshape(out.shape)
+        if record.segments:  # the decoder's fresh output, scaled in place
+            out = out.contiguous()
+            _scale_segments(out.reshape(-1).split([n for n, _ in record.segments]), record.segments, -1)
         elif record.gain_exp:
             out = out * 2.0**-record.gain_exp
         return out if dtype is None or dtype == torch.float32 else out.to(dtype)
