@@ -43,7 +43,8 @@ from common import default_out, free_port, plot_curves  # scripts/common.py
 
 BUCKET_MB = 64  # > the model's 29 MB of fp32 gradients: one bucket
 ROWS = ["fp32", "fp16", "powersgd-1", "powersgd-4", "vc-1.5", "vc-2.0", "vc-2.5", "vc-2.5-noef", "vc-1.25"]
-DEFAULT_ROWS = ROWS[:-2]  # vc-1.25: the equal-bytes partner of PowerSGD rank 4, on request
+# on request only: vc-2.5-noef (error feedback off), vc-1.25 (PowerSGD rank 4's equal-bytes partner)
+DEFAULT_ROWS = [r for r in ROWS if r not in ("vc-2.5-noef", "vc-1.25")]
 SEQ, BATCH, VAL_WINDOWS, LR = 128, 8, 32, 2e-3
 LINKS = {"1 Gbit/s": 1e9, "10 Gbit/s": 1e10, "100 Gbit/s": 1e11}
 

@@ -112,7 +112,7 @@ def pack(record: InflightRecord) -> torch.Tensor:
         lengths, exps = zip(*record.segments, strict=True)
         parts += [
             torch.frombuffer(bytearray(_COUNT.pack(len(lengths))), dtype=torch.uint8),
-            torch.tensor(lengths, dtype=torch.int64).to(torch.int32).view(torch.uint8),
+            torch.tensor(lengths, dtype=torch.int32).view(torch.uint8),
             torch.tensor(exps, dtype=torch.int8).view(torch.uint8),
         ]
     parts += [
@@ -226,22 +226,19 @@ class InflightCodec:
             raise VcInputError(f"{name}: in-flight compression needs a float tensor, got {tensor.dtype}")
         target = self.bits if bits is None else check_bits(bits, "bits")
         x = tensor.detach().float()
-        exp, parts = 0, ()
-        if segments is not None and len(segments) > 1:
-            if any(not 0 <= n < 2**31 for n in segments) or sum(segments) != x.numel():
-                raise VcInputError(f"{name}: segments {list(segments)[:4]}... do not split its {x.numel()} values")
-            flat = x.reshape(-1)
-            if flat.data_ptr() == tensor.data_ptr():  # the caller's storage: never scaled in place
-                flat = flat.clone()
-            pieces = flat.split(list(segments))
-            parts = tuple((p.numel(), gain_exponent(p)) for p in pieces)
-            _scale_segments(pieces, parts, 1)  # exact: powers of two
-            scaled = flat.reshape(x.shape)
-        else:
-            exp = gain_exponent(x)
-            scaled = x * 2.0**exp  # exact: a power of two (see the module docstring)
-        enc = encode_tensor(scaled, target, name=name, **self.predictor.encode_options(stream), **self.options)
-        record = InflightRecord(enc, exp, parts)
+        lengths = list(segments) if segments is not None and len(segments) > 1 else [x.numel()]
+        if any(not 0 <= n < 2**31 for n in lengths) or sum(lengths) != x.numel():
+            raise VcInputError(f"{name}: segments {lengths[:4]}... do not split its {x.numel()} values")
+        flat = x.reshape(-1)
+        if flat.data_ptr() == tensor.data_ptr():  # the caller's storage: never scaled in place
+            flat = flat.clone()
+        pieces = flat.split(lengths)
+        gains = tuple((p.numel(), gain_exponent(p)) for p in pieces)
+        _scale_segments(pieces, gains, 1)  # exact: powers of two (see the module docstring)
+        enc = encode_tensor(flat.reshape(x.shape), target, name=name, **self.predictor.encode_options(stream),
+                            **self.options)  # fmt: skip
+        # one gain travels in the header, several as the record's segment table
+        record = InflightRecord(enc, 0, gains) if len(gains) > 1 else InflightRecord(enc, gains[0][1])
         packed = pack(record)
         self.predictor.update(stream, 8.0 * packed.numel() / enc.numel, target, enc.stats)
         return packed, record
@@ -252,9 +249,7 @@ class InflightCodec:
     ) -> torch.Tensor:
         enc = record.enc
         out = decode_tensor(enc, device=device, dtype=torch.float32, name=enc.meta.get("name", "tensor"))
-        if record.segments:  # the decoder's fresh output, scaled in place
-            out = out.contiguous()
-            _scale_segments(out.reshape(-1).split([n for n, _ in record.segments]), record.segments, -1)
-        elif record.gain_exp:
-            out = out * 2.0**-record.gain_exp
+        out = out.contiguous()  # the decoder's fresh output, unscaled in place
+        gains = record.segments or ((out.numel(), record.gain_exp),)
+        _scale_segments(out.reshape(-1).split([n for n, _ in gains]), gains, -1)
         return out if dtype is None or dtype == torch.float32 else out.to(dtype)
