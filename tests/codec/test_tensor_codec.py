@@ -296,3 +296,42 @@ def test_rans_on_real_weights_beats_the_video_codecs(smollm2_state):
     err_hevc = rel_mse(decode_tensor(hevc), w) * 2 ** (2 * (hevc.bits_per_value - enc.bits_per_value))
     assert err < 0.85 * err_hevc  # the target at equal rate
     assert err / 2 ** (-2 * enc.bits_per_value) < 1.3  # MSE x Gaussian bound (measured 1.16)
+
+
+@pytest.mark.parametrize("shape", [(300, 17), (4, 8, 96), (5000,), ()])
+@pytest.mark.parametrize("quantizer", ["dq", "scalar"])
+def test_encode_matrix_makes_encode_tensors_record_and_keeps_the_decoders_samples(shape, quantizer):
+    from vc_quant.codec.encode import encode_matrix
+    from vc_quant.codec.record import matrix_shape
+
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    rows, cols = matrix_shape(tuple(shape))
+    mat = torch.cat([t.reshape(-1), t.reshape(-1)[-1:].expand(rows * cols - t.numel())]).reshape(rows, cols)
+    ref = encode_tensor(t, 3.0, codec="rans", quantizer=quantizer)
+    enc = encode_matrix(mat, tuple(shape), 3.0, codec="rans", quantizer=quantizer, keep_samples=True)
+    assert torch.equal(enc.bitstream, ref.bitstream) and enc.meta == ref.meta
+    assert "samples" in enc.derived and "samples" not in ref.derived
+    # the kept samples decode to exactly what the stored bytes decode to
+    assert torch.equal(decode_tensor(enc), decode_tensor(EncodedTensor.from_dict(ref.to_dict())))
+
+
+def test_encode_matrix_refuses_a_matrix_of_the_wrong_shape_and_non_finite_values():
+    from vc_quant.codec.encode import encode_matrix
+
+    with pytest.raises(VcInputError, match="float32 CPU matrix"):
+        encode_matrix(torch.zeros(10, 10), (50, 2), 3.0, codec="rans")
+    bad = torch.zeros(50, 2)
+    bad[3, 1] = float("nan")
+    with pytest.raises(VcInputError, match="NaN"):
+        encode_matrix(bad, (50, 2), 3.0, codec="rans")
+
+
+@pytest.mark.parametrize("options", [{"codec": "rans", "scale": "row"}, {"codec": "rans", "quantizer": "scalar"},
+                                     {"codec": "hevc", "scale": "row"}])  # fmt: skip
+def test_a_one_row_tensor_with_a_per_row_map_round_trips_stored(options):
+    # one row: the per-row fp16 map is (1, 1), like a per-tensor map; it must still verify and decode
+    t = torch.randn(1, 512, generator=torch.Generator().manual_seed(0))
+    t[0, 7] = 300.0  # scalar at 6 bits: the peak needs a coarser step of its own (RowFloors)
+    enc = encode_tensor(t, 6.0 if options.get("quantizer") else 3.0, **options)
+    back = EncodedTensor.from_dict(enc.to_dict())
+    assert torch.equal(decode_tensor(back), decode_tensor(enc))

@@ -144,3 +144,12 @@ def test_crafted_segment_gains_are_refused():
     bad[count_at + 4 + 4 * len(lengths)] = 127  # an exponent outside the float32 range
     with pytest.raises(VcCorruptDataError, match="do not fit"):
         unpack(bad)
+
+
+@pytest.mark.parametrize("options", [{"scale": "row"}, {"codec": "hevc", "scale": "row"}])
+def test_a_one_row_tensor_with_a_per_row_map_travels(options):
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(0))
+    codec = InflightCodec(3.0, options)
+    packed, enc = codec.encode(x)
+    assert enc.enc.step.dtype == torch.float16 and enc.enc.step.numel() == 1
+    assert torch.equal(codec.decode(unpack(packed)), codec.decode(enc))

@@ -25,14 +25,8 @@ logger = logging.getLogger(__name__)
 _RANGE_HEADROOM = 4.0
 
 
-def _as_matrix(t: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise VcInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES.values():
-        raise VcInputError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
-    if t.numel() == 0:
-        raise VcInputError(f"{name}: cannot encode an empty tensor of shape {tuple(t.shape)}")
-    x = t.detach().to("cpu", torch.float32)
+def _check_range(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Refuse NaN/Inf and values too close to ``dtype``'s largest (the reconstruction could overflow)."""
     # one pass, no temporaries: min/max propagate NaN and reach Inf, so a finite range means finite values
     lo, hi = torch.aminmax(x)
     peak = max(-float(lo), float(hi))
@@ -43,13 +37,24 @@ def _as_matrix(t: torch.Tensor, name: str) -> torch.Tensor:
             f"{name}: contains {n_nan} NaN and {int((~finite).sum()) - n_nan} Inf values; "
             "the codec encodes finite values only"
         )
-    limit = torch.finfo(t.dtype).max / _RANGE_HEADROOM
+    limit = torch.finfo(dtype).max / _RANGE_HEADROOM
     if peak > limit:
         raise VcInputError(
-            f"{name}: values reach {peak:.3g}, within {_RANGE_HEADROOM:g}x of the largest {t.dtype} "
-            f"({torch.finfo(t.dtype).max:.3g}); the reconstruction could overflow to Inf. Rescale the tensor "
+            f"{name}: values reach {peak:.3g}, within {_RANGE_HEADROOM:g}x of the largest {dtype} "
+            f"({torch.finfo(dtype).max:.3g}); the reconstruction could overflow to Inf. Rescale the tensor "
             "or keep it in full precision"
         )
+
+
+def _as_matrix(t: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise VcInputError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES.values():
+        raise VcInputError(f"{name}: dtype {t.dtype} is not supported; use float32, float16 or bfloat16")
+    if t.numel() == 0:
+        raise VcInputError(f"{name}: cannot encode an empty tensor of shape {tuple(t.shape)}")
+    x = t.detach().to("cpu", torch.float32)
+    _check_range(x, t.dtype, name)
     rows, cols = matrix_shape(tuple(x.shape))
     if x.dim() >= 2:
         return x.reshape(rows, cols)
@@ -74,17 +79,43 @@ def encode_tensor(
         check_bits(bits, f"{name}: bits")
     dtype_name = str(t.dtype).removeprefix("torch.") if isinstance(t, torch.Tensor) else "?"
     mat = _as_matrix(t, name)
+    return _encode(mat, list(t.shape), dtype_name, bits, opts, name, col_scale, t.dim() >= 2)
+
+
+def encode_matrix(
+    mat: torch.Tensor, shape: tuple[int, ...], bits: float, *, name: str = "tensor", keep_samples: bool = False,
+    **options,
+) -> EncodedTensor:  # fmt: skip
+    """:func:`encode_tensor` of a float32 tensor of ``shape`` that the caller already folded into its
+    ``(rows, cols)`` matrix (:func:`~vc_quant.codec.record.matrix_shape`; a 1-D tensor padded with its last
+    value), e.g. in a buffer it reuses: no copy here. The same record, the same bytes.
+
+    ``keep_samples`` (rANS): keep the reconstruction integers with the record (``derived``), so decoding
+    this record — the sender's own copy, e.g. for error feedback — skips the entropy decode."""
+    opts = CodecOptions.from_kwargs(**options)
+    check_bits(bits, f"{name}: bits")
+    if mat.dtype != torch.float32 or mat.device.type != "cpu" or tuple(mat.shape) != matrix_shape(tuple(shape)):
+        raise VcInputError(f"{name}: encode_matrix takes the float32 CPU matrix {matrix_shape(tuple(shape))} "
+                           f"of a tensor of shape {tuple(shape)}, got {mat.dtype} {tuple(mat.shape)}")  # fmt: skip
+    _check_range(mat, torch.float32, name)
+    return _encode(mat.contiguous(), list(shape), "float32", bits, opts, name, None, len(shape) >= 2, keep_samples)
+
+
+def _encode(
+    mat: torch.Tensor, shape: list[int], dtype_name: str, bits: float | None, opts: CodecOptions, name: str,
+    col_scale: torch.Tensor | None, two_d: bool, keep_samples: bool = False,
+) -> EncodedTensor:  # fmt: skip
     cols = mat.shape[1]
     if col_scale is not None:
         col_scale = col_scale.detach().to("cpu", torch.float16)
-        if t.dim() < 2 or tuple(col_scale.shape) != (cols,) or not bool((col_scale > 0).all()):
+        if not two_d or tuple(col_scale.shape) != (cols,) or not bool((col_scale > 0).all()):
             raise VcInputError(f"{name}: col_scale must hold {cols} positive values for a 2-D+ tensor")
     rotate = opts.rotation and tf.can_rotate(cols)
     meta = {
         "format": FORMAT_VERSION,
         "name": name,
         "codec": opts.codec,
-        "shape": list(t.shape),
+        "shape": shape,
         "dtype": dtype_name,
         "bits": float(bits) if bits is not None else None,  # the target (a changed weight is re-encoded at it)
         "rotation_seed": opts.seed if rotate else None,
@@ -96,7 +127,7 @@ def encode_tensor(
         from vc_quant.codec.rans.encode import encode_rans
 
         x = tf.rotate_fast(mat, opts.seed if rotate else None, col_scale)
-        return encode_rans(x, bits, meta, opts, name, col_scale)
+        return encode_rans(x, bits, meta, opts, name, col_scale, keep_samples)
     from vc_quant.codec.video.encode import encode_video
 
     if col_scale is not None:

@@ -200,7 +200,7 @@ class EncodedTensor:
             raise VcCorruptDataError(f"{name}: the metadata says quantizer {meta['quantizer']!r}, the stream "
                                      f"{stream.quantizer!r}")  # fmt: skip
         # one float32 step, or an fp16 step per row (scale="row", or rows that needed a coarser step)
-        per_row = tuple(self.step.shape) != (1, 1)
+        per_row = tuple(self.step.shape) != (1, 1) or self.step.dtype == torch.float16  # one row: (1, 1) fp16
         self._check_map(name, ((1, 1), torch.float32), ((rows, 1), torch.float16) if per_row else ((1, 1),
                         torch.float32))  # fmt: skip
         if meta["scale"] == "row" and not per_row:

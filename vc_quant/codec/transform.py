@@ -139,7 +139,8 @@ def _native_factors(n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, i
 
 
 def rotate_fast(x: torch.Tensor, seed: int | None, col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``rotate(x * col_scale)`` in float32 by the native kernels (seed None: columns scaled only).
+    """``rotate(x * col_scale)`` in float32 by the native kernels (seed None: columns scaled only; neither:
+    ``x`` itself as float32, not a copy).
 
     The rANS encoder's rotation: ~10x the speed of :func:`rotate_exact` and still the same
     bits on every machine (plain IEEE float32 operations in a fixed order, no FMA
@@ -149,6 +150,8 @@ def rotate_fast(x: torch.Tensor, seed: int | None, col_scale: torch.Tensor | Non
     from vc_quant.codec.rans import native
 
     mat = x.detach().to("cpu", torch.float32).contiguous()
+    if seed is None and col_scale is None:  # nothing to do: no copy (the encoder only reads it)
+        return mat
     scale = col_scale.detach().to("cpu", torch.float32).contiguous() if col_scale is not None else None
     if not native.status():
         scaled = mat * scale[None, :] if scale is not None else mat

@@ -103,12 +103,12 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
     # DDP rebuilds its buckets after the first iteration (new sizes, new order): a residual of
     # the old layout cannot be mapped onto the new one and is dropped (once)
     if state.error_feedback and residual is not None and residual.shape == x.shape:
-        x = x + residual
+        x = residual.add_(x)  # the residual's buffer now holds gradient + residual (no new tensor)
     packed, enc = state._codec.encode(x, stream=f"bucket{index}", bits=state.bits_now(),
                                       segments=_parameter_lengths(bucket) if state.per_parameter else None)
-    own = state._codec.decode(enc)
+    own = state._codec.decode(enc).reshape(x.shape)  # the encoder kept its samples: no entropy decode
     if state.error_feedback:
-        state._residuals[index] = x - own.reshape(x.shape)
+        state._residuals[index] = x.sub_(own) if x is residual else x - own
     t1 = time.perf_counter()
 
     # sizes first, then every rank's payload padded to the largest
@@ -120,11 +120,11 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
     t2 = time.perf_counter()
 
     rank = dist.get_rank(group)
-    total = torch.zeros_like(x)
+    total = own  # a fresh tensor of the decoder's: summed into in place
     for r, (payload, n) in enumerate(zip(payloads, sizes, strict=True)):
-        decoded = own if r == rank else state._codec.decode(unpack(payload[:n], name=f"bucket {index} of rank {r}"))
-        total += decoded.reshape(x.shape)
-    grad.copy_((total / world).to(grad.dtype))
+        if r != rank:
+            total += state._codec.decode(unpack(payload[:n], name=f"bucket {index} of rank {r}")).reshape(x.shape)
+    grad.copy_(total.div_(world))
     t3 = time.perf_counter()
 
     stats.messages += 1

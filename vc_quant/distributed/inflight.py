@@ -32,12 +32,13 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from vc_quant.codec.decode import decode_tensor
-from vc_quant.codec.encode import encode_tensor
+from vc_quant.codec.encode import encode_matrix
 from vc_quant.codec.options import CodecOptions, check_bits, merge_defaults
 from vc_quant.codec.ratecontrol import StepPredictor
 from vc_quant.codec.record import MAX_META_BYTES, EncodedTensor, dump_meta, matrix_shape
@@ -104,7 +105,9 @@ def pack(record: InflightRecord) -> torch.Tensor:
     """A record as one flat uint8 tensor (what is sent)."""
     enc = record.enc
     meta = dump_meta(enc.meta)
-    flags = (_CENTER_PER_ROW if enc.center.numel() > 1 else 0) | (_STEP_PER_ROW if enc.step.numel() > 1 else 0)
+    # per row = fp16 (a one-row tensor's per-row map is (1, 1) too)
+    flags = (_CENTER_PER_ROW if enc.center.dtype == torch.float16 else 0)
+    flags |= _STEP_PER_ROW if enc.step.dtype == torch.float16 else 0
     flags |= _SEGMENT_GAINS if record.segments else 0
     header = _HEADER.pack(len(meta), record.gain_exp, flags)
     parts = [torch.frombuffer(bytearray(header + meta), dtype=torch.uint8)]
@@ -205,6 +208,8 @@ class InflightCodec:
     bits: float = 2.0
     options: dict = field(default_factory=dict)
     predictor: StepPredictor = field(default_factory=StepPredictor)
+    _scratch: torch.Tensor = field(default_factory=lambda: torch.empty(0), init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.bits = check_bits(self.bits, "bits")
@@ -213,6 +218,12 @@ class InflightCodec:
             CodecOptions.from_kwargs(**self.options)  # bad options fail here, not at the first step
         except VcConfigError as exc:
             raise VcConfigError(f"in-flight codec: {exc}") from exc
+
+    def __getstate__(self) -> dict:  # copies and pickles (accelerate deep-copies its handlers) start a new scratch
+        return {k: v for k, v in self.__dict__.items() if k not in ("_scratch", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _scratch=torch.empty(0), _lock=threading.Lock())
 
     def encode(
         self, tensor: torch.Tensor, stream: str = "", bits: float | None = None, segments: list[int] | None = None
@@ -225,18 +236,26 @@ class InflightCodec:
         if not tensor.is_floating_point():
             raise VcInputError(f"{name}: in-flight compression needs a float tensor, got {tensor.dtype}")
         target = self.bits if bits is None else check_bits(bits, "bits")
-        x = tensor.detach().float()
+        if tensor.numel() == 0:
+            raise VcInputError(f"{name}: cannot send an empty tensor of shape {tuple(tensor.shape)}")
+        x = tensor.detach().to("cpu", torch.float32)
         lengths = list(segments) if segments is not None and len(segments) > 1 else [x.numel()]
         if any(not 0 <= n < 2**31 for n in lengths) or sum(lengths) != x.numel():
             raise VcInputError(f"{name}: segments {lengths[:4]}... do not split its {x.numel()} values")
-        flat = x.reshape(-1)
-        if flat.data_ptr() == tensor.data_ptr():  # the caller's storage: never scaled in place
-            flat = flat.clone()
-        pieces = flat.split(lengths)
-        gains = tuple((p.numel(), gain_exponent(p)) for p in pieces)
-        _scale_segments(pieces, gains, 1)  # exact: powers of two (see the module docstring)
-        enc = encode_tensor(flat.reshape(x.shape), target, name=name, **self.predictor.encode_options(stream),
-                            **self.options)  # fmt: skip
+        with self._lock:  # one scratch matrix, reused: a fresh one costs its page faults at every step
+            rows, cols = matrix_shape(tuple(x.shape))
+            if self._scratch.numel() < rows * cols:
+                self._scratch = torch.empty(rows * cols, dtype=torch.float32)
+            mat = self._scratch[: rows * cols].view(rows, cols)
+            flat = mat.reshape(-1)[: x.numel()]
+            flat.copy_(x.reshape(-1))  # the caller's tensor is never scaled in place
+            pieces = flat.split(lengths)
+            gains = tuple((p.numel(), gain_exponent(p)) for p in pieces)
+            _scale_segments(pieces, gains, 1)  # exact: powers of two (see the module docstring)
+            if x.dim() < 2:  # folded like encode_tensor folds a 1-D tensor: padded with its last value
+                mat.reshape(-1)[x.numel() :].fill_(float(flat[-1]))
+            enc = encode_matrix(mat, tuple(x.shape), target, name=name, keep_samples=True,
+                                **self.predictor.encode_options(stream), **self.options)  # fmt: skip
         # one gain travels in the header, several as the record's segment table
         record = InflightRecord(enc, 0, gains) if len(gains) > 1 else InflightRecord(enc, gains[0][1])
         packed = pack(record)

@@ -83,3 +83,10 @@ def test_small_tensors_get_fewer_lanes():
 
 def test_guess_is_the_high_rate_gaussian_step():
     assert math.isclose(qz.guess_log_step(3.0, "scalar"), math.log2(math.sqrt(2 * math.pi * math.e)) - 3.0 + 0.1)
+
+
+def test_row_stats_are_numpys_sum_of_squares_and_row_peaks():
+    x = _gaussian(37, 203, seed=4)  # columns not a multiple of the kernel's 8 partial sums
+    sumsq, peak = qz.row_stats(x)
+    assert np.array_equal(peak, np.abs(x).max(axis=1))
+    assert sumsq == pytest.approx(float(np.square(x, dtype=np.float64).sum()), rel=1e-12)

@@ -136,6 +136,34 @@ int vc_unrotate_levels(const int8_t *levels, float step, const float *row_steps,
 /* lambda * bits(k), bits from the cost table of the level's context (cost[ctx][k+127]).  */
 
 /* Scalar rate-distortion quantizer: the nearest level or the next one toward zero. */
+/* The rate control's statistics in one pass, no temporaries: the sum of squares (double;
+ * eight partial sums in a fixed order, so the same on every machine) and each row's peak |x|. */
+VC_TARGETS void vc_row_stats(const float *x, int64_t rows, int64_t cols, double *sumsq, float *peak) {
+    double acc[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * cols;
+        float m = 0.0f;
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8)
+            for (int j = 0; j < 8; j++) {
+                double v = row[c + j];
+                acc[j] += v * v;
+                float a = fabsf(row[c + j]);
+                m = a > m ? a : m;
+            }
+        for (; c < cols; c++) {
+            double v = row[c];
+            acc[0] += v * v;
+            float a = fabsf(row[c]);
+            m = a > m ? a : m;
+        }
+        peak[r] = m;
+    }
+    double total = 0.0;
+    for (int j = 0; j < 8; j++) total += acc[j];
+    *sumsq = total;
+}
+
 void vc_sq_quantize(const float *x, int64_t n, float inv_step, double lambda, const double *cost, int8_t *k_out,
                     int64_t *hist, double *sqerr) {
     double err = 0.0;

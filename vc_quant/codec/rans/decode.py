@@ -67,7 +67,9 @@ def decode_tensor_rans(
     """The dense tensor on ``device`` in ``dtype`` (default: the record's)."""
     if backend == "triton" or not native.status():
         return enc.dequantize_samples(decode_samples_rans(enc, device, backend, workers, name), dtype)
-    samples = samples_cpu(enc, workers, name)
+    samples = enc.derived.get("samples")  # the encoder's own record (keep_samples): no entropy decode
+    if samples is None:
+        samples = samples_cpu(enc, workers, name)
     step = float(enc.step.reshape(())) if enc.step.numel() == 1 else enc.step.reshape(-1).float().numpy()
     x = torch.from_numpy(tf.unrotate_levels(samples, step, enc.meta["rotation_seed"], enc.col_scale))
     n = samples.size if len(enc.meta["shape"]) >= 2 else int(np.prod(enc.meta["shape"]))

@@ -26,9 +26,12 @@ _TINY_SHARE = 0.25  # fixed bits above this share of the budget: rate-control th
 
 
 def encode_rans(
-    x: torch.Tensor, bits: float | None, meta: dict, opts: CodecOptions, name: str, col_scale: torch.Tensor | None
-) -> EncodedTensor:
-    """Encode the rotated (and column-scaled) ``(rows, cols)`` float32 matrix ``x``."""
+    x: torch.Tensor, bits: float | None, meta: dict, opts: CodecOptions, name: str, col_scale: torch.Tensor | None,
+    keep_samples: bool = False,
+) -> EncodedTensor:  # fmt: skip
+    """Encode the rotated (and column-scaled) ``(rows, cols)`` float32 matrix ``x``.
+
+    ``keep_samples``: the record keeps the reconstruction integers the decoder will produce (``derived``)."""
     if bits is None:
         raise VcConfigError(f"{name}: codec='rans' needs bits= (it has no fixed quantiser setting)")
     quantizer = opts.value("quantizer")
@@ -62,6 +65,8 @@ def encode_rans(
     else:
         step_t = torch.tensor([[lv.step]], dtype=torch.float32)
     enc = EncodedTensor(bitstream, center, step_t, meta, col_scale=col_scale)
+    if keep_samples:  # exactly what the decoders return (tests/codec/rans/test_coder.py)
+        enc.derived["samples"] = qz.reconstruction_integers(lv).reshape(rows, cols)
     enc.meta["crc32"] = checksum(enc)
     rate = enc.bits_per_value
     if not (predict or tiny) and abs(rate - target) > opts.value("tolerance") and enc.numel >= _WARN_ABOVE:

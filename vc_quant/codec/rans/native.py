@@ -38,6 +38,7 @@ _p = ctypes.c_void_p
 _SIGNATURES = {
     "vc_rotate_rows": (_i32, [_p, _p, _i64, _i64, _i64, _p, _p, _p]),
     "vc_unrotate_levels": (_i32, [_p, _f32, _p, _p, _i64, _i64, _i64, _p, _p, _p]),
+    "vc_row_stats": (None, [_p, _i64, _i64, _p, _p]),
     "vc_sq_quantize": (None, [_p, _i64, _f32, _f64, _p, _p, _p, _p]),
     "vc_dq_quantize": (_i32, [_p, _i64, _f32, _i32, _i64, _f64, _p, _p, _p, _p, _p]),
     "vc_dq_reconstruct": (None, [_p, _p, _i64, _p]),

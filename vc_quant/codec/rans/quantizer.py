@@ -111,6 +111,16 @@ def quantize(
                   lanes, lane_len)  # fmt: skip
 
 
+def reconstruction_integers(levels: Levels) -> np.ndarray:
+    """The int8 reconstruction integers of ``levels`` (``k`` itself for the scalar quantizer; DQ maps each
+    level through its quantizer): what the decoders return for the coded stream."""
+    if levels.ctx is None:
+        return levels.k
+    out = np.empty_like(levels.k)
+    native.lib().vc_dq_reconstruct(native.ptr(levels.k), native.ptr(levels.ctx), levels.n, native.ptr(out))
+    return out
+
+
 def _zero_counts() -> np.ndarray:
     c = np.zeros(tb.N_LEVELS, dtype=np.int64)
     c[tb.LEVEL_MAX] = 1  # an empty context still needs a valid table: level 0
@@ -132,8 +142,9 @@ class RowFloors:
     only for tensors that need it).
     """
 
-    def __init__(self, x2d: np.ndarray) -> None:
-        peak = np.abs(x2d).max(axis=1).astype(np.float64) if x2d.size else np.zeros(1)
+    def __init__(self, peak: np.ndarray) -> None:
+        """``peak``: each row's largest |value| (:func:`row_stats`)."""
+        peak = peak.astype(np.float64) if peak.size else np.zeros(1)
         self.floor = np.maximum(peak / tb.LEVEL_MAX, np.finfo(np.float32).tiny)
 
     def steps(self, step: float) -> np.ndarray | None:
@@ -150,6 +161,16 @@ class RowFloors:
     @property
     def finest(self) -> float:
         return float(self.floor.min())
+
+
+def row_stats(x2d: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(sum of squares, each row's peak |value|)`` of a C-contiguous float32 ``(rows, cols)`` matrix, in one
+    native pass (deterministic: the same on every machine)."""
+    rows, cols = x2d.shape
+    peak = np.empty(rows, dtype=np.float32)
+    sumsq = np.zeros(1, dtype=np.float64)
+    native.lib().vc_row_stats(native.ptr(x2d), rows, cols, native.ptr(sumsq), native.ptr(peak))
+    return float(sumsq[0]), peak
 
 
 @dataclass
@@ -187,8 +208,9 @@ def search_step(
     n = x2d.size
     rows = x2d.shape[0]
     g, ln = plan_lanes(n, lanes, lane_len)
-    sigma = float(np.sqrt(np.mean(np.square(x2d, dtype=np.float64)))) if n else 0.0
-    floors = RowFloors(x2d)
+    sumsq, peak = row_stats(x2d)
+    sigma = math.sqrt(sumsq / n) if n else 0.0
+    floors = RowFloors(peak)
     stats = StepSearch()
     sample2d, scale = _sample(x2d, n)
     whole = scale == 1.0  # small tensors: the search runs on all values, its passes are the full ones
