@@ -170,6 +170,9 @@ def rotate_fast(x: torch.Tensor, seed: int | None, col_scale: torch.Tensor | Non
     return torch.from_numpy(out)
 
 
+_UNROTATE_PART = 1 << 20  # values per thread at least (smaller: the hand-off costs more than it saves)
+
+
 def unrotate_levels(
     levels: np.ndarray, step: float | np.ndarray, seed: int | None, col_scale: torch.Tensor | None = None
 ) -> np.ndarray:
@@ -187,7 +190,17 @@ def unrotate_levels(
     cs = np.ascontiguousarray(col_scale.detach().cpu().float().numpy()) if col_scale is not None else None
     per_row = np.ascontiguousarray(step, dtype=np.float32).reshape(-1) if np.ndim(step) else None
     scalar = np.float32(0.0 if per_row is not None else step)
-    if native.lib().vc_unrotate_levels(native.ptr(levels), scalar, native.ptr(per_row), native.ptr(out), rows, m, p,
-                                       native.ptr(signs), native.ptr(q), native.ptr(cs)) != 0:  # fmt: skip
+    levels = np.ascontiguousarray(levels)
+    lib = native.lib()
+
+    def run(lo: int, hi: int) -> int:  # rows [lo, hi): independent, so split over the decoder's threads
+        steps = per_row[lo:hi] if per_row is not None else None
+        return lib.vc_unrotate_levels(native.ptr(levels[lo:hi]), scalar, native.ptr(steps), native.ptr(out[lo:hi]),
+                                      hi - lo, m, p, native.ptr(signs), native.ptr(q), native.ptr(cs))  # fmt: skip
+
+    from vc_quant.codec.rans import coder
+
+    parts = max(1, min(coder.cpus(), levels.size // _UNROTATE_PART, rows))
+    if any(coder.run_split(run, np.linspace(0, rows, parts + 1).round().astype(np.int64).tolist())):
         raise MemoryError("unrotate_levels: out of memory")
     return out

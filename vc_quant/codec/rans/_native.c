@@ -135,7 +135,6 @@ int vc_unrotate_levels(const int8_t *levels, float step, const float *row_steps,
 /* Quantizers. Values are v = x * inv_step; levels k are chosen by J = (v - r)^2 +        */
 /* lambda * bits(k), bits from the cost table of the level's context (cost[ctx][k+127]).  */
 
-/* Scalar rate-distortion quantizer: the nearest level or the next one toward zero. */
 /* The rate control's statistics in one pass, no temporaries: the sum of squares (double;
  * eight partial sums in a fixed order, so the same on every machine) and each row's peak |x|. */
 VC_TARGETS void vc_row_stats(const float *x, int64_t rows, int64_t cols, double *sumsq, float *peak) {
@@ -164,6 +163,7 @@ VC_TARGETS void vc_row_stats(const float *x, int64_t rows, int64_t cols, double 
     *sumsq = total;
 }
 
+/* Scalar rate-distortion quantizer: the nearest level or the next one toward zero. */
 void vc_sq_quantize(const float *x, int64_t n, float inv_step, double lambda, const double *cost, int8_t *k_out,
                     int64_t *hist, double *sqerr) {
     double err = 0.0;

@@ -8,9 +8,11 @@ NumPy reference decoder (same integer steps, one NumPy step per lane position).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 
@@ -27,11 +29,23 @@ _MIN_SEGMENTS_PER_JOB = 2  # below this, one thread decodes all (thread hand-off
 _warned_fallback = False
 
 
+@lru_cache(maxsize=1)
+def cpus() -> int:
+    return max(1, os.cpu_count() or 1)  # asked once: the call reads the system (~60 us), the KV cache decodes per layer
+
+
 def pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="vc-rans")
+        _POOL = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="vc-rans")
     return _POOL
+
+
+def run_split(run, bounds: list[int]) -> list[int]:
+    """``run(lo, hi)`` over consecutive ``bounds``: the first part on the calling thread (which would
+    otherwise sleep until the workers finish), the others on the pool; the parts' return codes in order."""
+    jobs = [pool().submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds[1:])]
+    return [run(bounds[0], bounds[1])] + [job.result() for job in jobs]
 
 
 def encode_stream(lv: Levels) -> RansStream:
@@ -66,7 +80,7 @@ def decode_levels(stream: RansStream, out: np.ndarray, workers: int | None = Non
     lib = native.lib()
     lut = stream.lut
     segs = stream.n_segments
-    workers = max(1, min(workers or os.cpu_count() or 1, segs // _MIN_SEGMENTS_PER_JOB))
+    workers = max(1, min(workers or cpus(), segs // _MIN_SEGMENTS_PER_JOB))
     bounds = np.linspace(0, segs, workers + 1).round().astype(np.int64)
 
     def run(lo: int, hi: int) -> int:
@@ -74,7 +88,7 @@ def decode_levels(stream: RansStream, out: np.ndarray, workers: int | None = Non
                                   stream.n_symbols, stream.lanes, stream.lane_len, native.ptr(lut), int(stream.dq),
                                   native.ptr(out), lo, hi)  # fmt: skip
 
-    codes = [run(0, segs)] if workers == 1 else list(pool().map(run, bounds[:-1].tolist(), bounds[1:].tolist()))
+    codes = run_split(run, bounds.tolist())
     bad = next((c for c in codes if c), 0)
     if bad:
         raise VcCorruptDataError(f"{name}: {native.DECODE_ERRORS.get(bad, f'decoder error {bad}')}")
@@ -113,9 +127,9 @@ def decode_many(streams: list[RansStream], out: np.ndarray, name: str = "tensor"
         return 0 if rc == 0 else rc % 16
 
     count = len(streams)
-    workers = max(1, min(os.cpu_count() or 1, count // 4))  # a few streams per thread: hand-off costs ~50 us
+    workers = max(1, min(cpus(), count // 4))  # a few streams per thread: hand-off costs ~50 us
     bounds = np.linspace(0, count, workers + 1).round().astype(np.int64).tolist()
-    codes = [run(0, count)] if workers == 1 else list(pool().map(run, bounds[:-1], bounds[1:]))
+    codes = run_split(run, bounds)
     bad = next((c for c in codes if c), 0)
     if bad:
         raise VcCorruptDataError(f"{name}: {native.DECODE_ERRORS.get(bad, f'decoder error {bad}')}")
