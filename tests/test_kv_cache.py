@@ -167,3 +167,45 @@ def test_choosing_a_codec_drops_the_other_codecs_defaults():
     assert VcQuantizedLayer(codec="av1").codec == {"codec": "av1", "encoder_params": ""}
     with pytest.raises(VcConfigError, match="preset='8' is an option of the video codecs"):
         VcQuantizedLayer(codec="rans", preset="8")
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_prefetched_decoding_gives_the_same_tokens(tiny_src, beams):
+    # the next layer's blocks decode on a background thread: same result, and it is used
+    model = AutoModelForCausalLM.from_pretrained(tiny_src)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    used = []
+    real = VcQuantizedLayer._old_tokens
+
+    def counting(layer):
+        used.append(layer._prefetched is not None and layer._prefetched[0] == len(layer._key_blocks))
+        return real(layer)
+
+    outs = {}
+    for prefetch in (False, True):
+        cache = VcQuantizedCache(model.config, bits=3.0, residual_length=4, block_tokens=8, prefetch=prefetch)
+        used.clear()
+        VcQuantizedLayer._old_tokens = counting
+        try:
+            outs[prefetch] = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
+                                            num_beams=beams)  # fmt: skip
+        finally:
+            VcQuantizedLayer._old_tokens = real
+        assert any(used) == prefetch
+    assert torch.equal(outs[False], outs[True])
+
+
+def test_a_prefetch_made_before_beam_reordering_is_not_used():
+    def pair(prefetch):
+        first, second = (VcQuantizedLayer(bits=4.0, residual_length=2, block_tokens=4, sink_tokens=0) for _ in "ab")
+        first.next_layer = second if prefetch else None
+        k, v = states(t=12)
+        first.update(k, v)
+        second.update(k, v)
+        first.update(*states(t=1, seed=3))  # prefetches second's blocks, in the current batch order
+        if prefetch:
+            second._prefetched[1].result()  # decoded before the reordering
+        second.reorder_cache(torch.tensor([1, 0]))
+        return second.update(*states(t=1, seed=4))[0]
+
+    assert torch.equal(pair(prefetch=True), pair(prefetch=False))

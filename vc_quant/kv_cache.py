@@ -10,7 +10,9 @@ matrix ``(batch·heads·tokens, head_dim)``: rows are token vectors and the code
 rotation runs along the channels, which spreads the outlier channels of keys. At
 every step all blocks of a layer are decoded at once for attention; no decoded
 copy is kept, so the memory held is bitstreams + scales + the full-precision
-tokens (:meth:`VcQuantizedCache.memory_bytes`).
+tokens (:meth:`VcQuantizedCache.memory_bytes`). While a layer computes, the next layer's blocks
+decode on a background thread (``prefetch``; the decoded tensors of one layer are the only
+transient copy).
 
 With left padding (batch > 1) the sink positions of the shorter rows hold padding;
 their real first tokens are compressed like any other (correct, a little less exact).
@@ -22,6 +24,8 @@ their real first tokens are compressed like any other (correct, a little less ex
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +47,18 @@ KV_DEFAULTS = {"rans": {}, "av1": {"encoder_params": ""}, "hevc": {"encoder_para
 #: the default codec of the cache, chosen by scripts/bench_kv.py (docs/results.md): rANS decodes the
 #: cache 1.6-2.0x faster than AV1 at the same rate and equal perplexity (within the 2-window noise)
 KV_CODEC = "rans"
+_PREFETCH: ThreadPoolExecutor | None = None
+_PREFETCH_LOCK = threading.Lock()
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    """One thread that decodes the next layer's blocks while the current layer computes (not the
+    decoder's own pool: the decode splits its work over that one)."""
+    global _PREFETCH
+    with _PREFETCH_LOCK:
+        if _PREFETCH is None:
+            _PREFETCH = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vc-kv-prefetch")
+        return _PREFETCH
 
 
 @dataclass
@@ -93,6 +109,9 @@ class VcQuantizedLayer(BaseQuantizedLayer):
             raise VcConfigError(f"VcQuantizedCache: {exc}") from exc
         self._key_blocks: list[KvBlock] = []
         self._value_blocks: list[KvBlock] = []
+        #: the layer that runs after this one (set by the cache: its blocks are prefetched from here)
+        self.next_layer: VcQuantizedLayer | None = None
+        self._prefetched: tuple[int, Future] | None = None  # (key blocks it decoded, the decode)
         # learnt per stream (keys and values differ), shared by the layers of one cache: one
         # encode per block, the running rate on the target
         self.predictor = predictor or StepPredictor()
@@ -118,9 +137,11 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
     def _dequantize(self, blocks: list[KvBlock]) -> torch.Tensor | None:
         """Decode blocks of one stream to ``(b, h, tokens, d)`` (see :meth:`_decode_blocks`)."""
-        return self._decode_blocks(blocks, len(blocks))[0] if blocks else None
+        return self._decode_blocks(blocks, len(blocks), self.keys.device, self.keys.dtype)[0] if blocks else None
 
-    def _decode_blocks(self, blocks: list[KvBlock], split: int) -> tuple[torch.Tensor, ...]:
+    def _decode_blocks(
+        self, blocks: list[KvBlock], split: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...]:
         """Decode all blocks at once (one decoder, one vectorised reconstruct: the per-block
         fixed costs dominate at every step) and return the token-concatenated parts
         ``blocks[:split]``, ``blocks[split:]``, in the batch order the cache has now."""
@@ -130,11 +151,28 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         if any(blk.perm is not None for blk in blocks):  # beam search reordered rows since these were encoded
             rows = torch.stack([torch.arange(b) if blk.perm is None else blk.perm.cpu() for blk in blocks])
             x = x[torch.arange(len(blocks))[:, None], rows]
+        parts = (x[:split], x[split:]) if split < len(blocks) else (x,)
+        # (n, b, h, t, d) -> (b, h, n·t, d): blocks follow each other along the tokens
+        return tuple(p.permute(1, 2, 0, 3, 4).reshape(b, h, -1, d).to(device, dtype) for p in parts)
+
+    def _old_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressed blocks' keys and values (the prefetched decode when it is of these blocks)."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None and prefetched[0] == len(self._key_blocks):
+            return prefetched[1].result()
         # the residual tensors carry the states' device and dtype (transformers >= 5.24 no
         # longer records the dtype on the layer)
-        parts = ((x[:split], self.keys), (x[split:], self.values)) if split < len(blocks) else ((x, self.keys),)
-        # (n, b, h, t, d) -> (b, h, n·t, d): blocks follow each other along the tokens
-        return tuple(p.permute(1, 2, 0, 3, 4).reshape(b, h, -1, d).to(like.device, like.dtype) for p, like in parts)
+        blocks = self._key_blocks + self._value_blocks  # keys and values share the block shape: one decode
+        return self._decode_blocks(blocks, len(self._key_blocks), self.keys.device, self.keys.dtype)
+
+    def prefetch(self) -> None:
+        """Start decoding this layer's blocks on the background thread (used at its next update)."""
+        if not self._key_blocks or not self.is_initialized:
+            return
+        blocks = self._key_blocks + self._value_blocks  # a snapshot: blocks appended later are not in it
+        job = _prefetch_pool().submit(self._decode_blocks, blocks, len(self._key_blocks), self.keys.device,
+                                      self.keys.dtype)  # fmt: skip
+        self._prefetched = (len(self._key_blocks), job)
 
     # --- cache protocol ------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -145,8 +183,10 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self._fill_sink()
         old_k = old_v = None
-        if self._key_blocks:  # keys and values share the block shape: one batched decode for both
-            old_k, old_v = self._decode_blocks(self._key_blocks + self._value_blocks, len(self._key_blocks))
+        if self._key_blocks:
+            old_k, old_v = self._old_tokens()
+        if self.next_layer is not None:
+            self.next_layer.prefetch()  # decodes while this layer's attention and MLP run
         # sequence order: sinks, compressed blocks, residual window
         keys = torch.cat([t for t in (self._sink_keys, old_k, self.keys) if t is not None], dim=-2)
         values = torch.cat([t for t in (self._sink_values, old_v, self.values) if t is not None], dim=-2)
@@ -176,6 +216,7 @@ class VcQuantizedLayer(BaseQuantizedLayer):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: the residual is reordered now, compressed blocks when they are decoded
         (each block remembers the composed reordering since it was encoded)."""
+        self._prefetched = None  # decoded in the old batch order
         if not self.is_initialized:
             return
         beam_idx = beam_idx.to(self.keys.device)
@@ -190,6 +231,7 @@ class VcQuantizedLayer(BaseQuantizedLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._prefetched = None
         self._key_blocks, self._value_blocks = [], []
         self._sink_keys = self._sink_values = None
         self.predictor.reset()
@@ -226,6 +268,8 @@ class VcQuantizedCache(Cache):
             recent tokens stay exact (up to ``block_tokens - 1`` if that is larger).
         block_tokens: tokens per compressed block (larger: less header overhead, coarser).
         sink_tokens: first tokens kept in full precision (attention sinks; 0 disables).
+        prefetch: decode the next layer's blocks on a background thread while a layer computes
+            (SmolLM2 at 1k tokens, 2 cores: 188 -> 158 ms a decode step, docs/results.md).
         **codec: tensor-codec options (``codec="rans"``, ``rotation``, a video ``preset``, …) over the
             chosen codec's :data:`KV_DEFAULTS`.
     """
@@ -237,6 +281,7 @@ class VcQuantizedCache(Cache):
         residual_length: int = 128,
         block_tokens: int = 128,
         sink_tokens: int = 4,
+        prefetch: bool = True,
         **codec,
     ):
         check_bits(bits, "VcQuantizedCache: bits")
@@ -254,6 +299,9 @@ class VcQuantizedCache(Cache):
             VcQuantizedLayer(bits, residual_length, block_tokens, sink_tokens, predictor=self.predictor, **codec)
             for _ in range(text.num_hidden_layers)
         ]
+        if prefetch:  # the last layer prefetches the first one's blocks for the next step
+            for layer, following in zip(layers, layers[1:] + layers[:1], strict=True):
+                layer.next_layer = following
         super().__init__(layers=layers)
         self.bits = bits
 
