@@ -160,19 +160,20 @@ class VcQuantizedLayer(BaseQuantizedLayer):
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None and prefetched[0] == len(self._key_blocks):
             return prefetched[1].result()
-        # the residual tensors carry the states' device and dtype (transformers >= 5.24 no
-        # longer records the dtype on the layer)
-        blocks = self._key_blocks + self._value_blocks  # keys and values share the block shape: one decode
-        return self._decode_blocks(blocks, len(self._key_blocks), self.keys.device, self.keys.dtype)
+        return self._decode_all(self._key_blocks + self._value_blocks)
+
+    def _decode_all(self, blocks: list[KvBlock]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``blocks`` (the key blocks, then as many value blocks: they share the block
+        shape, so one decode); the residual tensors carry the states' device and dtype (transformers >= 5.24
+        no longer records the dtype on the layer)."""
+        return self._decode_blocks(blocks, len(blocks) // 2, self.keys.device, self.keys.dtype)
 
     def prefetch(self) -> None:
         """Start decoding this layer's blocks on the background thread (used at its next update)."""
         if not self._key_blocks or not self.is_initialized:
             return
         blocks = self._key_blocks + self._value_blocks  # a snapshot: blocks appended later are not in it
-        job = _prefetch_pool().submit(self._decode_blocks, blocks, len(self._key_blocks), self.keys.device,
-                                      self.keys.dtype)  # fmt: skip
-        self._prefetched = (len(self._key_blocks), job)
+        self._prefetched = (len(self._key_blocks), _prefetch_pool().submit(self._decode_all, blocks))
 
     # --- cache protocol ------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -269,7 +270,7 @@ class VcQuantizedCache(Cache):
         block_tokens: tokens per compressed block (larger: less header overhead, coarser).
         sink_tokens: first tokens kept in full precision (attention sinks; 0 disables).
         prefetch: decode the next layer's blocks on a background thread while a layer computes
-            (SmolLM2 at 1k tokens, 2 cores: 188 -> 158 ms a decode step, docs/results.md).
+            (A/B on SmolLM2 at 1k tokens, 2 cores: 221 -> 168 ms a decode step).
         **codec: tensor-codec options (``codec="rans"``, ``rotation``, a video ``preset``, …) over the
             chosen codec's :data:`KV_DEFAULTS`.
     """
