@@ -58,8 +58,17 @@ def _as_matrix(t: torch.Tensor, name: str) -> torch.Tensor:
     rows, cols = matrix_shape(tuple(x.shape))
     if x.dim() >= 2:
         return x.reshape(rows, cols)
-    flat = x.reshape(-1)
-    return torch.cat([flat, flat[-1:].expand(rows * cols - flat.numel())]).reshape(rows, cols)
+    mat = torch.empty(rows, cols, dtype=torch.float32)
+    mat.reshape(-1)[: x.numel()].copy_(x.reshape(-1))
+    pad_folded(mat, x.numel())
+    return mat
+
+
+def pad_folded(mat: torch.Tensor, numel: int) -> None:
+    """Fill the tail of a 1-D tensor folded into ``mat`` (its first ``numel`` values, in place) with its
+    last value: the one fold rule every encoder of a 1-D tensor follows (a constant tail costs no rate)."""
+    flat = mat.view(-1)
+    flat[numel:].fill_(float(flat[numel - 1]))
 
 
 def encode_tensor(
@@ -87,8 +96,8 @@ def encode_matrix(
     **options,
 ) -> EncodedTensor:  # fmt: skip
     """:func:`encode_tensor` of a float32 tensor of ``shape`` that the caller already folded into its
-    ``(rows, cols)`` matrix (:func:`~vc_quant.codec.record.matrix_shape`; a 1-D tensor padded with its last
-    value), e.g. in a buffer it reuses: no copy here. The same record, the same bytes.
+    ``(rows, cols)`` matrix (:func:`~vc_quant.codec.record.matrix_shape`; a 1-D tensor padded by
+    :func:`pad_folded`), e.g. in a buffer it reuses: no copy here. The same record, the same bytes.
 
     ``keep_samples`` (rANS): keep the reconstruction integers with the record (``derived``), so decoding
     this record — the sender's own copy, e.g. for error feedback — skips the entropy decode."""

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vc_quant.codec.decode import decode_tensor
-from vc_quant.codec.encode import encode_matrix
+from vc_quant.codec.encode import encode_matrix, pad_folded
 from vc_quant.codec.options import CodecOptions, check_bits, merge_defaults
 from vc_quant.codec.ratecontrol import StepPredictor
 from vc_quant.codec.record import MAX_META_BYTES, EncodedTensor, dump_meta, matrix_shape
@@ -252,8 +252,8 @@ class InflightCodec:
             pieces = flat.split(lengths)
             gains = tuple((p.numel(), gain_exponent(p)) for p in pieces)
             _scale_segments(pieces, gains, 1)  # exact: powers of two (see the module docstring)
-            if x.dim() < 2:  # folded like encode_tensor folds a 1-D tensor: padded with its last value
-                mat.reshape(-1)[x.numel() :].fill_(float(flat[-1]))
+            if x.dim() < 2:
+                pad_folded(mat, x.numel())
             enc = encode_matrix(mat, tuple(x.shape), target, name=name, keep_samples=True,
                                 **self.predictor.encode_options(stream), **self.options)  # fmt: skip
         # one gain travels in the header, several as the record's segment table
