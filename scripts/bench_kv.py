@@ -33,6 +33,7 @@ from transformers.cache_utils import Cache, QuantizedLayer
 
 import vc_quant
 from vc_quant.evaluation import load_text, token_windows
+from vc_quant.kv_cache import cache_kwargs
 from vc_quant.testing import smollm2_checkpoint
 
 
@@ -130,7 +131,7 @@ def chunked_ppl(model, windows, name, args) -> float:
         cache = make_cache(name, model.config, args)
         logits = []
         for i in range(0, w.numel(), args.chunk):
-            logits.append(model(w[None, i : i + args.chunk], past_key_values=cache, use_cache=True).logits[0])
+            logits.append(model(w[None, i : i + args.chunk], **cache_kwargs(model, cache), use_cache=True).logits[0])
         logp = torch.log_softmax(torch.cat(logits)[:-1].float(), -1)
         nll += float(-logp.gather(-1, w[1:, None]).sum())
         count += w.numel() - 1
@@ -140,7 +141,7 @@ def chunked_ppl(model, windows, name, args) -> float:
 @torch.no_grad()
 def prefill(model, ids, cache, chunk):
     for i in range(0, ids.shape[1], chunk):
-        out = model(ids[:, i : i + chunk], past_key_values=cache, use_cache=True)
+        out = model(ids[:, i : i + chunk], **cache_kwargs(model, cache), use_cache=True)
     return out
 
 
@@ -151,7 +152,7 @@ def decode_speed(model, ids, name, args) -> float:
     token = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(args.decode_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
+        out = model(token, **cache_kwargs(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return args.decode_tokens / (time.perf_counter() - t0)
 

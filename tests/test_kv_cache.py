@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from vc_quant import VcConfigError, VcQuantizedCache
+from vc_quant import VcConfigError, VcQuantizedCache, cache_kwargs
 from vc_quant.kv_cache import VcQuantizedLayer
 
 
@@ -87,15 +87,15 @@ def test_generate_greedy_and_sampled_on_a_tiny_model(tiny_src):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding in the second row
     cache = VcQuantizedCache(model.config, bits=4.0, residual_length=4, block_tokens=8)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=24, do_sample=False)
     assert out.shape == (2, 32) and cache.get_seq_length() == 31
     assert any(layer.compressed_tokens() > 0 for layer in cache.layers)
-    ref = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config),
+    ref = model.generate(ids, attention_mask=mask, **cache_kwargs(model, DynamicCache(config=model.config)),
                          max_new_tokens=24, do_sample=False)  # fmt: skip
     assert torch.equal(out[:, :9], ref[:, :9])  # the first token only sees full-precision states
     torch.manual_seed(0)
-    sampled = model.generate(ids, past_key_values=VcQuantizedCache(model.config, bits=3.0, residual_length=4,
-                             block_tokens=8), max_new_tokens=12, do_sample=True)  # fmt: skip
+    cache = VcQuantizedCache(model.config, bits=3.0, residual_length=4, block_tokens=8)
+    sampled = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=12, do_sample=True)
     assert sampled.shape == (2, 20)
 
 
@@ -103,11 +103,11 @@ def test_reset_and_reuse(tiny_src):
     model = AutoModelForCausalLM.from_pretrained(tiny_src)
     cache = VcQuantizedCache(model.config, bits=3.0, residual_length=2, block_tokens=8)
     ids = torch.arange(1, 30)[None]
-    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, **cache_kwargs(model, cache), use_cache=True)
     assert cache.get_seq_length() == 29 and cache.memory_bytes()["compressed"] > 0
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.memory_bytes()["compressed"] == 0
-    model(ids[:, :5], past_key_values=cache, use_cache=True)
+    model(ids[:, :5], **cache_kwargs(model, cache), use_cache=True)
     assert cache.get_seq_length() == 5
 
 
@@ -187,7 +187,7 @@ def test_prefetched_decoding_gives_the_same_tokens(tiny_src, beams):
         used.clear()
         VcQuantizedLayer._old_tokens = counting
         try:
-            outs[prefetch] = model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False,
+            outs[prefetch] = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20, do_sample=False,
                                             num_beams=beams)  # fmt: skip
         finally:
             VcQuantizedLayer._old_tokens = real
@@ -209,3 +209,15 @@ def test_a_prefetch_made_before_beam_reordering_is_not_used():
         return second.update(*states(t=1, seed=4))[0]
 
     assert torch.equal(pair(prefetch=True), pair(prefetch=False))
+
+
+def test_cache_kwargs_names_the_argument_the_forward_takes():
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None): ...
+
+    sentinel = object()
+    assert cache_kwargs(Old(), sentinel) == {"past_key_values": sentinel}
+    assert cache_kwargs(New(), sentinel) == {"cache": sentinel}

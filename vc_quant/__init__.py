@@ -17,7 +17,7 @@ from vc_quant.errors import (
 from vc_quant.hf import memory_bytes, save_atomic
 from vc_quant.hf import register as _register
 from vc_quant.integrations import peft as _peft
-from vc_quant.kv_cache import VcQuantizedCache
+from vc_quant.kv_cache import VcQuantizedCache, cache_kwargs
 from vc_quant.nn import VcLinear
 
 __version__ = "0.2.0"
@@ -37,6 +37,7 @@ __all__ = [
     "VcQuantizationConfig",
     "VcQuantizedCache",
     "__version__",
+    "cache_kwargs",
     "decode_tensor",
     "encode_tensor",
     "memory_bytes",

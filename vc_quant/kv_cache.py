@@ -18,11 +18,15 @@ With left padding (batch > 1) the sink positions of the shorter rows hold paddin
 their real first tokens are compressed like any other (correct, a little less exact).
 
     cache = VcQuantizedCache(model.config, bits=3.0)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=64)
+
+(transformers 5.24 renamed ``past_key_values=`` to ``cache=``; :func:`cache_kwargs` names it for the
+installed version.)
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +42,7 @@ from vc_quant.codec.ratecontrol import StepPredictor
 from vc_quant.codec.record import EncodedTensor
 from vc_quant.errors import VcConfigError
 
-__all__ = ["KvBlock", "VcQuantizedCache", "VcQuantizedLayer"]
+__all__ = ["KvBlock", "VcQuantizedCache", "VcQuantizedLayer", "cache_kwargs"]
 
 #: per-codec defaults for KV blocks. Video codecs: no extra encoder parameters (x265's RDOQ
 #: doubles encode time, and blocks are encoded during generation). AV1: dav1d decodes these
@@ -48,6 +52,15 @@ KV_DEFAULTS = {"rans": {}, "av1": {"encoder_params": ""}, "hevc": {"encoder_para
 #: cache 1.6-2.0x faster than AV1 at the same rate and equal perplexity (within the 2-window noise)
 KV_CODEC = "rans"
 _PREFETCH: ThreadPoolExecutor | None = None
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Cache | None) -> dict:
+    """``{"cache": cache}`` for a model whose forward takes ``cache=`` (transformers >= 5.24), else
+    ``{"past_key_values": cache}``: the name the installed version accepts without a deprecation."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 _PREFETCH_LOCK = threading.Lock()
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vc_quant.errors import VcConfigError
+from vc_quant.kv_cache import cache_kwargs
 
 
 def split_points(num_layers: int, num_stages: int) -> list[int]:
@@ -62,7 +63,7 @@ class DecoderStage(nn.Module):
 
     def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Token ids (first stage) or hidden states (later stages) → hidden states, or logits on the last stage."""
-        kwargs = {"position_ids": position_ids, "past_key_values": cache, "use_cache": cache is not None}
+        kwargs = {"position_ids": position_ids, **cache_kwargs(self.model.model, cache), "use_cache": cache is not None}
         if self.first:
             hidden = self.model.model(input_ids=inputs, **kwargs).last_hidden_state
         else:
