@@ -94,6 +94,21 @@ def hook_contract(rank: int, world: int, bits: float) -> dict:
     return checks
 
 
+def replica_gradients(rank: int, world: int, bits: float) -> dict:
+    """Two DDP steps with the vc hook, each rank on its own data: the averaged gradients every rank applies."""
+    from vc_quant.distributed import VcHookState, register
+
+    model = torch.nn.parallel.DistributedDataParallel(_mlp())
+    register(model, VcHookState(bits=bits))
+    torch.manual_seed(rank + 1)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(torch.randn(16, 32)).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return {"grads": grads}
+
+
 def decode(enc) -> torch.Tensor:
     from vc_quant.distributed import InflightCodec
 

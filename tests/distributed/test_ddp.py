@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from dist_workers import hook_contract, spawn, train_run
+from dist_workers import hook_contract, replica_gradients, spawn, train_run
 
 from vc_quant import VcConfigError, VcInputError
 from vc_quant.distributed import VcHookState, linear_schedule, vc_allreduce_hook
@@ -18,6 +18,15 @@ def test_hook_averages_the_decoded_streams_and_feeds_back_the_exact_residual(tmp
         assert r["stats"].bytes == r["wire_bytes"]  # + the size message and the padding
         assert 1.5 < r["stats"].bits_per_element < 3.5
         assert "before the first backward" in r["late_register"]
+
+
+def test_every_rank_applies_bit_identical_gradients_with_three_ranks(tmp_path):
+    # float sums depend on their order: every rank must add the decoded streams in the same (rank) order,
+    # or the replicas drift apart (two ranks cannot show it: a + b == b + a)
+    results = spawn(replica_gradients, tmp_path, 2.0, world=3)
+    for other in results[1:]:
+        for mine, theirs in zip(results[0]["grads"], other["grads"], strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 def test_training_converges_close_to_allreduce(tmp_path):

@@ -120,10 +120,12 @@ def vc_allreduce_hook(state: VcHookState, bucket: dist.GradBucket) -> torch.futu
     t2 = time.perf_counter()
 
     rank = dist.get_rank(group)
-    total = own  # a fresh tensor of the decoder's: summed into in place
+    # summed in rank order on every rank: float sums depend on their order, and the replicas must
+    # apply bit-identical gradients (rank 0's stream first; a fresh decoder tensor, summed into in place)
+    total = None
     for r, (payload, n) in enumerate(zip(payloads, sizes, strict=True)):
-        if r != rank:
-            total += state._codec.decode(unpack(payload[:n], name=f"bucket {index} of rank {r}")).reshape(x.shape)
+        decoded = own if r == rank else state._codec.decode(unpack(payload[:n], name=f"bucket {index} of rank {r}"))
+        total = decoded.reshape(x.shape) if total is None else total.add_(decoded.reshape(x.shape))
     grad.copy_(total.div_(world))
     t3 = time.perf_counter()
 
