@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -25,6 +26,7 @@ from vc_quant.errors import VcCodecError, VcCorruptDataError
 logger = logging.getLogger(__name__)
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 _MIN_SEGMENTS_PER_JOB = 2  # below this, one thread decodes all (thread hand-off costs ~50 us)
 _warned_fallback = False
 
@@ -36,9 +38,10 @@ def cpus() -> int:
 
 def pool() -> ThreadPoolExecutor:
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="vc-rans")
-    return _POOL
+    with _POOL_LOCK:  # first use can come from two threads at once (the KV cache's prefetch and the caller)
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="vc-rans")
+        return _POOL
 
 
 def run_split(run, bounds: list[int]) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,13 +23,15 @@ from vc_quant.codec.video.backends import get_backend
 from vc_quant.errors import VcConfigError
 
 _FRAME_POOL: ThreadPoolExecutor | None = None
+_FRAME_POOL_LOCK = threading.Lock()
 
 
 def _frame_pool() -> ThreadPoolExecutor:
     global _FRAME_POOL
-    if _FRAME_POOL is None:
-        _FRAME_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="vc-frames")
-    return _FRAME_POOL
+    with _FRAME_POOL_LOCK:  # first use can come from two threads (the KV cache decodes on a background one)
+        if _FRAME_POOL is None:
+            _FRAME_POOL = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="vc-frames")
+        return _FRAME_POOL
 
 
 def decode_frames(enc: EncodedTensor, threads: int | None = None) -> list[torch.Tensor]:
