@@ -141,7 +141,7 @@ def worker(rank: int, world: int, port: int, row: str, steps: int, out: str, see
         losses.append(float(loss.detach()))
         if val_every and ((step + 1) % val_every == 0 or step == steps - 1):
             vals.append((step + 1, validation(model.module, val)))
-    result = {"row": row, "seed": seed, "losses": losses, "val": vals, "step_s": step_s,
+    result = {"row": row, "seed": seed, "codec": codec, "losses": losses, "val": vals, "step_s": step_s,
               "elements_per_step": elements, "allreduce_bytes": counter.bytes, "sent_bytes": sent}  # fmt: skip
     if state is not None:
         st = state.stats
@@ -157,6 +157,19 @@ def validation(model, val: torch.Tensor) -> float:
     loss = sum(float(model(val[i : i + 8], labels=val[i : i + 8]).loss) for i in range(0, len(val), 8))
     model.train()
     return loss / math.ceil(len(val) / 8)
+
+
+def finished(raw: Path, row: str, seed: int, steps: int, codec: str) -> dict | None:
+    """The raw result an earlier run left for this row and seed, if it ran the same steps and codec."""
+    path = raw / f"{row}-seed{seed}-rank0.pt"
+    if not path.exists():
+        return None
+    res = torch.load(path)
+    same_codec = res.get("codec", codec) == codec or not row.startswith("vc")  # older raw files: not recorded
+    if res.get("row") != row or res.get("seed") != seed or len(res.get("losses", ())) != steps or not same_codec:
+        return None
+    print(f"{row} seed {seed}: reusing {path} (--resume)", flush=True)
+    return res | {"resumed": True}
 
 
 def summarize(res: dict, steps: int) -> dict:
@@ -181,6 +194,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=ROWS)
     ap.add_argument("--codec", default="", help="vc rows' codec (default: the in-flight default)")
     ap.add_argument("--out", default=default_out("ddp"), help="results folder (committed: results/ddp)")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the raw result of a row and seed that an earlier run into the same --out finished "
+                         "with the same --steps and --codec")  # fmt: skip
     ap.add_argument("--reference", default=None, metavar="BENCH_DDP_JSON",
                     help="take the rows not run here from an earlier run's bench_ddp.json (marked in the table)")
     args = ap.parse_args()
@@ -198,9 +214,13 @@ def main() -> None:
         windows(args.steps, 2, seed)  # tokenize once, before the workers
         for row in args.rows:
             t0 = time.perf_counter()
-            mp.spawn(worker, args=(2, free_port(), row, args.steps, str(raw), seed, args.codec), nprocs=2, join=True)
-            res = torch.load(raw / f"{row}-seed{seed}-rank0.pt")
-            runs.append(summarize(res, args.steps) | {"wall_s": time.perf_counter() - t0, "val_curve": res["val"]})
+            res = finished(raw, row, seed, args.steps, args.codec) if args.resume else None
+            if res is None:
+                mp.spawn(worker, args=(2, free_port(), row, args.steps, str(raw), seed, args.codec), nprocs=2,
+                         join=True)  # fmt: skip
+                res = torch.load(raw / f"{row}-seed{seed}-rank0.pt")
+            wall = None if res.get("resumed") else time.perf_counter() - t0
+            runs.append(summarize(res, args.steps) | {"wall_s": wall, "val_curve": res["val"]})
             print(json.dumps({k: v for k, v in runs[-1].items() if "curve" not in k}), flush=True)
             write(runs, out, args)
 
