@@ -125,13 +125,14 @@ def memory(cache) -> int:
 
 
 @torch.no_grad()
-def chunked_ppl(model, windows, name, args) -> float:
+def chunked_ppl(model, windows, new_cache, chunk: int) -> float:
+    """Perplexity over ``windows`` fed ``chunk`` tokens at a time into a fresh ``new_cache()`` each."""
     nll, count = 0.0, 0
     for w in windows:
-        cache = make_cache(name, model.config, args)
+        kw = cache_kwargs(model, new_cache())
         logits = []
-        for i in range(0, w.numel(), args.chunk):
-            logits.append(model(w[None, i : i + args.chunk], **cache_kwargs(model, cache), use_cache=True).logits[0])
+        for i in range(0, w.numel(), chunk):
+            logits.append(model(w[None, i : i + chunk], **kw, use_cache=True).logits[0])
         logp = torch.log_softmax(torch.cat(logits)[:-1].float(), -1)
         nll += float(-logp.gather(-1, w[1:, None]).sum())
         count += w.numel() - 1
@@ -140,8 +141,9 @@ def chunked_ppl(model, windows, name, args) -> float:
 
 @torch.no_grad()
 def prefill(model, ids, cache, chunk):
+    kw = cache_kwargs(model, cache)
     for i in range(0, ids.shape[1], chunk):
-        out = model(ids[:, i : i + chunk], **cache_kwargs(model, cache), use_cache=True)
+        out = model(ids[:, i : i + chunk], **kw, use_cache=True)
     return out
 
 
@@ -150,9 +152,10 @@ def decode_speed(model, ids, name, args) -> float:
     cache = make_cache(name, model.config, args)
     out = prefill(model, ids, cache, 512)
     token = out.logits[:, -1:].argmax(-1)
+    kw = cache_kwargs(model, cache)  # outside the timed loop
     t0 = time.perf_counter()
     for _ in range(args.decode_tokens):
-        out = model(token, **cache_kwargs(model, cache), use_cache=True)
+        out = model(token, **kw, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
     return args.decode_tokens / (time.perf_counter() - t0)
 
@@ -210,7 +213,8 @@ def main() -> None:
     rows = []
     for name in args.caches:
         t0 = time.perf_counter()
-        row = {"cache": name, "ppl": chunked_ppl(model, windows, name, args)}
+        ppl = chunked_ppl(model, windows, lambda n=name: make_cache(n, model.config, args), args.chunk)
+        row = {"cache": name, "ppl": ppl}
         row["ppl_seconds"] = time.perf_counter() - t0
         for n in args.memory_tokens:
             cache = make_cache(name, model.config, args)

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-import bench_kv  # scripts/bench_kv.py: its chunked_ppl, through its make_cache
+import bench_kv  # scripts/bench_kv.py: its chunked_ppl and make_cache
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,11 +34,9 @@ VARIANTS = [
 
 
 class SplitLayer(VcQuantizedLayer):
-    """A cache layer that encodes keys and values at their own rates."""
+    """A cache layer that encodes keys and values at their own rates (``stream_bits``)."""
 
-    def __init__(self, key_bits: float, value_bits: float, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.stream_bits = {"keys": key_bits, "values": value_bits}
+    stream_bits: dict[str, float]
 
     def _quantize(self, tensor: torch.Tensor, stream: str = "keys"):
         mean_bits, self.bits = self.bits, self.stream_bits[stream]
@@ -52,12 +50,9 @@ def make_cache(config, mean: float, key_bits: float | None, value_bits: float | 
     cache = vc_quant.VcQuantizedCache(config, bits=mean, residual_length=args.residual,
                                       block_tokens=args.block, sink_tokens=args.sink)  # fmt: skip
     if key_bits is not None:
-        old = cache.layers
-        cache.layers = [SplitLayer(key_bits, value_bits, bits=mean, residual_length=args.residual,
-                                   block_tokens=args.block, sink_tokens=args.sink, predictor=cache.predictor)
-                        for _ in old]  # fmt: skip
-        for layer, following in zip(cache.layers, cache.layers[1:] + cache.layers[:1], strict=True):
-            layer.next_layer = following  # the prefetch chain, as the cache links its own layers
+        for layer in cache.layers:  # the cache's own layers (settings, shared predictor, prefetch links)
+            layer.__class__ = SplitLayer
+            layer.stream_bits = {"keys": key_bits, "values": value_bits}
     return cache
 
 
@@ -77,18 +72,14 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(src)
     windows = token_windows(tok, load_text("wiki-offline"), args.seqlen, args.windows, bos=True)
-    ref = bench_kv.chunked_ppl(model, windows, "dynamic", args)
+    ref = bench_kv.chunked_ppl(model, windows, lambda: bench_kv.make_cache("dynamic", model.config, args), args.chunk)
     rows = [{"variant": "dynamic", "ppl": ref}]
     print(json.dumps(rows[0]), flush=True)
     for mean, kb, vb in VARIANTS:
         label = f"{mean:g} bits" + (f" K{kb:g}/V{vb:g}" if kb is not None else " K=V")
-        saved = bench_kv.make_cache  # chunked_ppl builds its caches through bench_kv.make_cache
-        bench_kv.make_cache = lambda name, config, a, m=mean, k=kb, v=vb: make_cache(config, m, k, v, a)
-        try:
-            t0 = time.perf_counter()
-            ppl = bench_kv.chunked_ppl(model, windows, "vc", args)
-        finally:
-            bench_kv.make_cache = saved
+        t0 = time.perf_counter()
+        ppl = bench_kv.chunked_ppl(model, windows, lambda m=mean, k=kb, v=vb: make_cache(model.config, m, k, v, args),
+                                   args.chunk)  # fmt: skip
         rows.append({"variant": label, "ppl": ppl, "dppl_pct": 100 * (ppl / ref - 1),
                      "seconds": time.perf_counter() - t0})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)

@@ -52,6 +52,7 @@ KV_DEFAULTS = {"rans": {}, "av1": {"encoder_params": ""}, "hevc": {"encoder_para
 #: cache 1.6-2.0x faster than AV1 at the same rate and equal perplexity (within the 2-window noise)
 KV_CODEC = "rans"
 _PREFETCH: ThreadPoolExecutor | None = None
+_PREFETCH_LOCK = threading.Lock()
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Cache | None) -> dict:
@@ -59,9 +60,6 @@ def cache_kwargs(model: torch.nn.Module, cache: Cache | None) -> dict:
     ``{"past_key_values": cache}``: the name the installed version accepts without a deprecation."""
     params = inspect.signature(model.forward).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
-
-
-_PREFETCH_LOCK = threading.Lock()
 
 
 def _prefetch_pool() -> ThreadPoolExecutor:
