@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from vc_quant.codec.rans import bitstream as bs
-from vc_quant.codec.rans import coder, reference
+from vc_quant.codec.rans import coder, native, reference
 from vc_quant.codec.rans import quantizer as qz
 from vc_quant.codec.rans import tables as tb
 from vc_quant.errors import VcCorruptDataError
@@ -99,3 +99,53 @@ def test_damaged_words_in_the_32_lane_decoder_are_refused(quantizer):
                                 seg_end, words)  # fmt: skip
         with pytest.raises(VcCorruptDataError):
             coder.decode_levels(damaged, out, workers=1)
+
+
+@pytest.fixture
+def scalar_and_simd():
+    """Runs the body's decodes with the SSE4.1 rounds off, then on; restores the default."""
+    default = native.simd_decoder()
+    if not native.simd_decoder(True):
+        pytest.skip("this CPU has no SSE4.1: only the scalar decoder exists here")
+    yield native.simd_decoder
+    native.simd_decoder(default)
+
+
+def _decode_both(stream: bs.RansStream, switch) -> tuple[np.ndarray | str, np.ndarray | str]:
+    results = []
+    for enabled in (False, True):
+        switch(enabled)
+        out = np.empty(stream.n_symbols, dtype=np.int8)
+        try:
+            results.append(coder.decode_levels(stream, out, workers=1))
+        except VcCorruptDataError as exc:
+            results.append(str(exc))
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("quantizer", ["dq", "scalar"])
+@pytest.mark.parametrize("lanes", [32, 4, 8, 12, 64, 7])  # 7: not a multiple of 4, scalar rounds only
+def test_the_sse41_decoder_gives_the_scalar_decoders_integers(scalar_and_simd, quantizer, lanes):
+    for seed, bits in enumerate([0.6, 2.5, 4.0, 7.0]):  # few to many words per symbol, levels up to the limit
+        lv = _levels(lanes * 700 + 13 * seed, quantizer, lanes, 256, seed=seed, bits=bits)
+        stream = coder.encode_stream(lv)
+        scalar, simd = _decode_both(stream, scalar_and_simd)
+        assert np.array_equal(scalar, _reconstruction(lv)) and np.array_equal(simd, scalar)
+
+
+@pytest.mark.parametrize("quantizer", ["dq", "scalar"])
+def test_the_sse41_decoder_refuses_damaged_streams_as_the_scalar_one_does(scalar_and_simd, quantizer):
+    lv = _levels(3 * 32 * 512 + 77, quantizer, 32, 512, seed=5)
+    stream = coder.encode_stream(lv)
+    rng = np.random.default_rng(6)
+    for trial in range(60):
+        words, seg_end = stream.words.copy(), stream.seg_end.copy()
+        if trial % 2:
+            words[int(rng.integers(0, words.size))] ^= np.uint16(1 << int(rng.integers(0, 16)))
+        else:
+            cut = int(rng.integers(1, 40))
+            words, seg_end[-1] = words[:-cut], seg_end[-1] - cut
+        damaged = bs.RansStream(stream.quantizer, stream.lanes, stream.lane_len, stream.n_symbols, stream.tables,
+                                seg_end, words)  # fmt: skip
+        scalar, simd = _decode_both(damaged, scalar_and_simd)
+        assert isinstance(scalar, str) and simd == scalar  # refused, with the same reason

@@ -423,14 +423,122 @@ static inline __attribute__((always_inline)) void decode_symbol(int dq, int chec
     if (dq) st[j] = (uint8_t)(c + (((st_j ^ e) & 1) << 1));
 }
 
+/* ------------------------------------------------------------------------------------ */
+/* SSE4.1: four lanes per vector, the same integer steps as decode_symbol (so the same   */
+/* output, bit for bit). Only the unchecked rounds run here (each round has >= G words   */
+/* left, and a group of 4 lanes reads at most 4); the checked tail stays scalar. Lane j  */
+/* of a group takes the k-th word of the group's words, k = the lanes before it that     */
+/* renormalise (a shuffle picked by the 4-bit mask of renormalising lanes).              */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VC_SIMD 1
+
+static int simd_mode = -1; /* -1: not decided yet; 0: scalar; 1: SSE4.1 (atomic loads and stores) */
+
+static int simd_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("sse4.1") && __builtin_cpu_supports("popcnt");
+}
+
+/* Decode rounds while a full round has >= G words left; returns the rounds done. G % 4 == 0. */
+__attribute__((target("sse4.1,popcnt"))) static inline __attribute__((always_inline)) int64_t
+simd_body(int dq, int G, int64_t full, uint32_t *x, uint8_t *st, const uint16_t **pp, const uint16_t *stop,
+            const uint32_t *lut, int8_t *out) {
+    uint8_t shuf[16][16] __attribute__((aligned(16)));
+    for (int m = 0; m < 16; m++)
+        for (int j = 0, w = 0; j < 4; j++) {
+            int need = (m >> j) & 1;
+            shuf[m][4 * j + 0] = need ? (uint8_t)(2 * w) : 0x80;
+            shuf[m][4 * j + 1] = need ? (uint8_t)(2 * w + 1) : 0x80;
+            shuf[m][4 * j + 2] = shuf[m][4 * j + 3] = 0x80;
+            w += need;
+        }
+    uint32_t stw[MAX_LANES];
+    for (int j = 0; j < G; j++) stw[j] = st[j];
+    const __m128i low12 = _mm_set1_epi32(PROB_SCALE - 1), mask12 = _mm_set1_epi32(0xFFF);
+    const __m128i one = _mm_set1_epi32(1), zero = _mm_setzero_si128();
+    const __m128i bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    const uint16_t *ptr = *pp;
+    int64_t t = 0;
+    for (; t < full && stop - ptr >= G; t++, out += G) {
+        for (int j = 0; j < G; j += 4) {
+            __m128i xs = _mm_loadu_si128((const __m128i *)(x + j));
+            __m128i slot = _mm_and_si128(xs, low12), idx = slot, c = zero, stv = zero;
+            if (dq) {
+                stv = _mm_loadu_si128((const __m128i *)(stw + j));
+                c = _mm_srli_epi32(stv, 1);
+                idx = _mm_or_si128(_mm_slli_epi32(c, PROB_BITS), slot);
+            }
+            __m128i e = _mm_setr_epi32((int)lut[_mm_cvtsi128_si32(idx)], (int)lut[_mm_extract_epi32(idx, 1)],
+                                       (int)lut[_mm_extract_epi32(idx, 2)], (int)lut[_mm_extract_epi32(idx, 3)]);
+            __m128i freq = _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(e, 8), mask12), one);
+            xs = _mm_mullo_epi32(freq, _mm_srli_epi32(xs, PROB_BITS));
+            xs = _mm_sub_epi32(_mm_add_epi32(xs, slot), _mm_srli_epi32(e, 20));
+            __m128i need = _mm_cmpeq_epi32(_mm_srli_epi32(xs, 16), zero); /* xs < 2^16 */
+            int m = _mm_movemask_ps(_mm_castsi128_ps(need));
+            __m128i w = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)ptr),
+                                         _mm_load_si128((const __m128i *)shuf[m]));
+            xs = _mm_blendv_epi8(xs, _mm_or_si128(_mm_slli_epi32(xs, 16), w), need);
+            _mm_storeu_si128((__m128i *)(x + j), xs);
+            ptr += _mm_popcnt_u32((unsigned)m);
+            __m128i r = e; /* the low byte of each lane is the output */
+            if (dq) {
+                __m128i k = _mm_srai_epi32(_mm_slli_epi32(e, 24), 24);
+                r = _mm_sub_epi32(_mm_add_epi32(k, k), _mm_sign_epi32(c, k)); /* 2k - c sgn(k) */
+                stv = _mm_add_epi32(c, _mm_slli_epi32(_mm_and_si128(_mm_xor_si128(stv, e), one), 1));
+                _mm_storeu_si128((__m128i *)(stw + j), stv);
+            }
+            uint32_t four = (uint32_t)_mm_cvtsi128_si32(_mm_shuffle_epi8(r, bytes)); /* truncates, as the cast */
+            memcpy(out + j, &four, 4);
+        }
+    }
+    for (int j = 0; j < G; j++) st[j] = (uint8_t)stw[j];
+    *pp = ptr;
+    return t;
+}
+
+/* The body specialised for the encoder's default 32 lanes (unrolled) and for any G % 4 == 0. */
+__attribute__((target("sse4.1,popcnt"), noinline)) static int64_t
+simd_rounds(int dq, int G, int64_t full, uint32_t *x, uint8_t *st, const uint16_t **pp, const uint16_t *stop,
+            const uint32_t *lut, int8_t *out) {
+    if (dq && G == 32) return simd_body(1, 32, full, x, st, pp, stop, lut, out);
+    if (!dq && G == 32) return simd_body(0, 32, full, x, st, pp, stop, lut, out);
+    return dq ? simd_body(1, G, full, x, st, pp, stop, lut, out) : simd_body(0, G, full, x, st, pp, stop, lut, out);
+}
+
+/* Whether the SSE4.1 rounds run: mode -1 asks, 0 turns them off, 1 on where the CPU has SSE4.1
+ * (tests compare both paths). Returns the mode now in effect. */
+int vc_rans_simd(int mode) {
+    int now = __atomic_load_n(&simd_mode, __ATOMIC_RELAXED);
+    if (mode >= 0 || now < 0) {
+        now = (mode != 0) && simd_supported();
+        __atomic_store_n(&simd_mode, now, __ATOMIC_RELAXED);
+    }
+    return now;
+}
+#else
+int vc_rans_simd(int mode) {
+    (void)mode;
+    return 0;
+}
+#endif
+
 /* The segment's symbols [s0, s1) over G lanes; returns the overrun flag. */
 static inline __attribute__((always_inline)) uint32_t decode_lanes(int dq, int G, int64_t s0, int64_t s1,
                                                                    uint32_t *x, uint8_t *st,
                                                                    const uint16_t **pp, const uint16_t *stop,
                                                                    const uint32_t *lut, const int8_t *recon,
-                                                                   int8_t *out) {
+                                                                   int8_t *out, int simd) {
     uint32_t overrun = 0;
     int64_t full = (s1 - s0) / G, i = s0, t = 0;
+#ifdef VC_SIMD
+    if (simd && G % 4 == 0) {
+        t = simd_rounds(dq, G, full, x, st, pp, stop, lut, out + s0);
+        i += t * G;
+    }
+#else
+    (void)simd;
+#endif
     for (; t < full && stop - *pp >= G; t++, i += G) /* most rounds: no bounds checks */
         for (int j = 0; j < G; j++) decode_symbol(dq, 0, j, x, st, pp, stop, &overrun, lut, recon, out + i + j);
     for (; t <= full; t++) { /* the last rounds of the segment, checked */
@@ -449,6 +557,7 @@ int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_e
     uint8_t st[MAX_LANES];
     int8_t recon[2 * 256]; /* [c][(uint8)k] -> 2k - c sgn(k) */
     if (G < 1 || G > MAX_LANES || seg_lo < 0 || seg_hi > n_seg || seg_lo > seg_hi) return ERR_BAD_SIZES;
+    int simd = vc_rans_simd(-1);
     for (int c = 0; c < 2; c++)
         for (int b = 0; b < 256; b++) {
             int kk = (int8_t)b;
@@ -466,10 +575,10 @@ int vc_rans_decode(const uint16_t *words, int64_t n_words, const uint32_t *seg_e
         }
         uint32_t overrun;
         /* constant lane counts (the encoder's default is 32) let the compiler unroll the lanes */
-        if (dq && G == 32) overrun = decode_lanes(1, 32, s0, s1, x, st, &ptr, stop, lut, recon, out);
-        else if (!dq && G == 32) overrun = decode_lanes(0, 32, s0, s1, x, st, &ptr, stop, lut, recon, out);
-        else if (dq) overrun = decode_lanes(1, G, s0, s1, x, st, &ptr, stop, lut, recon, out);
-        else overrun = decode_lanes(0, G, s0, s1, x, st, &ptr, stop, lut, recon, out);
+        if (dq && G == 32) overrun = decode_lanes(1, 32, s0, s1, x, st, &ptr, stop, lut, recon, out, simd);
+        else if (!dq && G == 32) overrun = decode_lanes(0, 32, s0, s1, x, st, &ptr, stop, lut, recon, out, simd);
+        else if (dq) overrun = decode_lanes(1, G, s0, s1, x, st, &ptr, stop, lut, recon, out, simd);
+        else overrun = decode_lanes(0, G, s0, s1, x, st, &ptr, stop, lut, recon, out, simd);
         if (overrun) return ERR_OVERRUN;
         if (ptr != stop) return ERR_LEFTOVER;
         for (int j = 0; j < G; j++)

@@ -45,6 +45,7 @@ _SIGNATURES = {
     "vc_rans_encode": (_i64, [_p, _p, _i64, _i32, _i64, _p, _p, _p, _i64, _p, _p]),
     "vc_rans_decode": (_i32, [_p, _i64, _p, _i64, _i64, _i32, _i64, _p, _i32, _p, _i64, _i64]),
     "vc_rans_decode_many": (_i32, [_i64, _p, _p, _p, _i64, _i64, _i32, _i64, _p, _i32, _p]),
+    "vc_rans_simd": (_i32, [_i32]),
 }
 
 
@@ -97,6 +98,14 @@ def lib() -> ctypes.CDLL:
     if handle is None:
         raise VcBackendUnavailableError(f"codec='rans' needs its native kernels to encode: {st.reason}")
     return handle
+
+
+def simd_decoder(enabled: bool | None = None) -> bool:
+    """Whether the decoder's SSE4.1 rounds run (x86-64 with SSE4.1); ``enabled`` turns them on or off.
+
+    Both paths give the same integers (tests compare them); the scalar one is kept for CPUs
+    without SSE4.1 and as the reference the vector one is checked against."""
+    return bool(lib().vc_rans_simd(-1 if enabled is None else int(enabled)))
 
 
 def ptr(a: np.ndarray | None) -> int | None:
