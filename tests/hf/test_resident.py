@@ -164,6 +164,39 @@ def test_rans_records_in_every_mode_give_the_same_logits(tiny_rans, resident):
     assert (out - ref).abs().max() < LOGIT_TOL
 
 
+def test_bitstream_decode_steps_compute_on_one_thread_and_restore_the_callers_count(tiny_rans, monkeypatch):
+    """Few-token forwards leave the cores to the window's decoders (prefetch.FEW_TOKENS); longer ones,
+    and every forward after, keep the caller's thread count, also when the forward raises."""
+    from vc_quant.nn import prefetch
+
+    path, ref = tiny_rans
+    model = load(path, "bitstream")
+    seen = []
+    first = vc_modules(model)[0]
+    first.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(prefetch, "FEW_TOKENS", 4)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            few = model(IDS[:, :4]).logits
+            assert seen == [1] and torch.get_num_threads() == 2
+            assert (few - ref[:, :4]).abs().max() < LOGIT_TOL
+            model(input_ids=IDS)  # 8 tokens: more than FEW_TOKENS
+            assert seen == [1, 2] and torch.get_num_threads() == 2
+            first.weight_step, step = None, first.weight_step  # the next forward raises inside a linear
+            first._affine_cache.clear()
+            with pytest.raises((TypeError, AttributeError)):
+                model(IDS[:, :2])
+            first.weight_step = step
+            assert seen[-1] == 1 and torch.get_num_threads() == 2
+        hooks = len(model._forward_pre_hooks) + len(model._forward_hooks)
+        model.vc_bitstream_window.close()  # the window's hooks leave with it
+        assert len(model._forward_pre_hooks) + len(model._forward_hooks) == hooks - 2
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _cuda_or_skip():
     import os
 

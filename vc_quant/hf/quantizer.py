@@ -297,6 +297,7 @@ class VcHfQuantizer(HfQuantizer):
                                      self.quantization_config.decode_backend)  # fmt: skip
             for module in bitstream:
                 module.window = window
+            window.hook(model)
             model.vc_bitstream_window = window
 
     def _executor(self) -> ThreadPoolExecutor:
