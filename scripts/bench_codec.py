@@ -8,7 +8,8 @@ hevc, av1) at every target rate:
    RTN baselines (2/3/4 bits, g32/g64/g128, asymmetric, fp16 scale+min counted);
 2. throughput on all cores, tensors side by side as when a model loads: encode (rotation
    and rate control included) and decode to float32 tensors and to the int8 rotated-domain
-   samples (what ``resident="int8"`` / ``"bitstream"`` and the KV cache consume), M values/s.
+   samples (what ``resident="int8"`` / ``"bitstream"`` and the KV cache consume), M values/s;
+   for rANS also on its scalar decoder (SSE4.1 rounds off), the same streams, side by side.
    Each codec is warmed up on one matrix first (caches of rotation factors and model costs).
 
     python scripts/bench_codec.py [--layers 2 10 20] [--codecs rans hevc av1] [--out results/codec]
@@ -31,6 +32,7 @@ from common import default_out, finish_log_plot, smollm2_state  # scripts/common
 
 from vc_quant import decode_tensor, encode_tensor
 from vc_quant.codec import decode_samples
+from vc_quant.codec.rans import native
 from vc_quant.rtn import rtn_bits_per_value, rtn_quantize
 
 KINDS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -41,6 +43,11 @@ def pooled_rel_mse(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Relative MSE over all matrices together (sum of errors / sum of energies)."""
     err = sum(float(((a.double() - b.double()) ** 2).sum()) for a, b in pairs)
     return err / sum(float((b.double() ** 2).sum()) for _, b in pairs)
+
+
+def scalar_cell(row: dict) -> str:
+    v = row.get("samples_scalar_Mvalues_per_s")
+    return "-" if v is None else f"{v:.1f}"
 
 
 def timed_map(fn, items: list, workers: int) -> tuple[list, float]:
@@ -93,12 +100,20 @@ def main() -> None:
                                     items, workers)  # fmt: skip
             decoded, dec_s = timed_map(lambda e: decode_tensor(e, threads=1), encs, workers)
             _, smp_s = timed_map(lambda e: decode_samples(e, threads=1), encs, workers)
+            scalar_s = None
+            if codec == "rans" and native.simd_decoder():  # the same streams on the scalar decoder, side by side
+                native.simd_decoder(False)
+                try:
+                    _, scalar_s = timed_map(lambda e: decode_samples(e, threads=1), encs, workers)
+                finally:
+                    native.simd_decoder(True)
             bits = sum(e.bits_per_value * e.numel for e in encs) / n_values
             row = {"method": f"{codec} {target}", "family": "vc", "codec": codec, "target": target, "bpw": bits,
                    "rel_mse": pooled_rel_mse(list(zip(decoded, weights.values(), strict=True))),
                    "max_rate_error": max(abs(e.bits_per_value - target) for e in encs),
                    "encode_Mvalues_per_s": n_values / enc_s / 1e6, "decode_Mvalues_per_s": n_values / dec_s / 1e6,
-                   "samples_Mvalues_per_s": n_values / smp_s / 1e6}  # fmt: skip
+                   "samples_Mvalues_per_s": n_values / smp_s / 1e6,
+                   "samples_scalar_Mvalues_per_s": n_values / scalar_s / 1e6 if scalar_s else None}  # fmt: skip
             rows.append(row)
             print(f"  {row['method']:<10} {bits:.3f} bpw  rel MSE {row['rel_mse']:.5f}  x bound "
                   f"{row['rel_mse'] / 2 ** (-2 * bits):.3f}  max|rate err| {row['max_rate_error']:.4f}  encode "
@@ -121,14 +136,15 @@ def main() -> None:
     (out / "bench_codec.json").write_text(json.dumps(result, indent=2))
     md = [f"{len(names)} SmolLM2-135M matrices (layers {args.layers}, {n_values / 1e6:.2f} M values), "
           f"{workers} cores, tensors side by side. Speeds in M values/s; `samples` = decode to the int8 "
-          "rotated-domain samples.", "",
+          "rotated-domain samples; `scalar` = the same samples on the rANS decoder's scalar path (its SSE4.1 "
+          "rounds off), same streams, measured right after.", "",
           "| method | target | all-in bpw | max rate err | rel. MSE | × bound | MSE / HEVC's | encode | decode | "
-          "samples |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+          "samples | scalar |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted((r for r in rows if r["family"] == "vc"), key=lambda r: (r["codec"], r["target"])):
         md.append(f"| {r['codec']} | {r['target']} | {r['bpw']:.3f} | {r['max_rate_error']:.4f} | {r['rel_mse']:.5f} "
                   f"| {r['x_bound']:.3f} | {r.get('mse_over_hevc', float('nan')):.3f} | "
                   f"{r['encode_Mvalues_per_s']:.1f} | {r['decode_Mvalues_per_s']:.1f} | "
-                  f"{r['samples_Mvalues_per_s']:.1f} |")  # fmt: skip
+                  f"{r['samples_Mvalues_per_s']:.1f} | {scalar_cell(r)} |")  # fmt: skip
     md += ["", "| RTN baseline | all-in bpw | rel. MSE | × bound |", "|---|---|---|---|"]
     for r in sorted((r for r in rows if r["family"] == "rtn"), key=lambda r: r["bpw"]):
         md.append(f"| {r['method']} | {r['bpw']:.3f} | {r['rel_mse']:.4f} | {r['x_bound']:.2f} |")
