@@ -197,6 +197,15 @@ def test_bitstream_decode_steps_compute_on_one_thread_and_restore_the_callers_co
         torch.set_num_threads(saved)
 
 
+def test_forward_tokens_counts_ids_or_embeddings():
+    from vc_quant.nn.prefetch import forward_tokens
+
+    assert forward_tokens((torch.zeros(2, 5, dtype=torch.long),), {}) == 10
+    assert forward_tokens((), {"input_ids": torch.zeros(1, 3, dtype=torch.long)}) == 3
+    assert forward_tokens((), {"input_ids": None, "inputs_embeds": torch.zeros(2, 7, 16)}) == 14
+    assert forward_tokens((), {}) is None
+
+
 def _cuda_or_skip():
     import os
 
