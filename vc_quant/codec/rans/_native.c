@@ -442,8 +442,8 @@ static int simd_supported(void) {
 
 /* Decode rounds while a full round has >= G words left; returns the rounds done. G % 4 == 0. */
 __attribute__((target("sse4.1,popcnt"))) static inline __attribute__((always_inline)) int64_t
-simd_body(int dq, int G, int64_t full, uint32_t *x, uint8_t *st, const uint16_t **pp, const uint16_t *stop,
-            const uint32_t *lut, int8_t *out) {
+simd_body(int dq, int G, int64_t full, uint32_t *restrict x, uint8_t *restrict st, const uint16_t **pp,
+          const uint16_t *stop, const uint32_t *restrict lut, int8_t *restrict out) {
     uint8_t shuf[16][16] __attribute__((aligned(16)));
     for (int m = 0; m < 16; m++)
         for (int j = 0, w = 0; j < 4; j++) {
@@ -469,8 +469,10 @@ simd_body(int dq, int G, int64_t full, uint32_t *x, uint8_t *st, const uint16_t 
                 c = _mm_srli_epi32(stv, 1);
                 idx = _mm_or_si128(_mm_slli_epi32(c, PROB_BITS), slot);
             }
-            __m128i e = _mm_setr_epi32((int)lut[_mm_cvtsi128_si32(idx)], (int)lut[_mm_extract_epi32(idx, 1)],
-                                       (int)lut[_mm_extract_epi32(idx, 2)], (int)lut[_mm_extract_epi32(idx, 3)]);
+            /* unsigned indices: no sign extension before the four loads */
+            uint32_t i0 = (uint32_t)_mm_cvtsi128_si32(idx), i1 = (uint32_t)_mm_extract_epi32(idx, 1);
+            uint32_t i2 = (uint32_t)_mm_extract_epi32(idx, 2), i3 = (uint32_t)_mm_extract_epi32(idx, 3);
+            __m128i e = _mm_setr_epi32((int)lut[i0], (int)lut[i1], (int)lut[i2], (int)lut[i3]);
             __m128i freq = _mm_add_epi32(_mm_and_si128(_mm_srli_epi32(e, 8), mask12), one);
             xs = _mm_mullo_epi32(freq, _mm_srli_epi32(xs, PROB_BITS));
             xs = _mm_sub_epi32(_mm_add_epi32(xs, slot), _mm_srli_epi32(e, 20));
