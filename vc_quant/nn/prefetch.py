@@ -49,6 +49,13 @@ def forward_tokens(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+class _SavedThreads(threading.local):
+    """Per calling thread: the intra-op thread counts to restore after each (nested) forward, or None."""
+
+    def __init__(self) -> None:
+        self.stack: list[int | None] = []
+
+
 class BitstreamWindow:
     def __init__(self, modules: list[VcLinear], ahead: int = 7, backend: str = "auto") -> None:
         self.modules = list(modules)
@@ -66,7 +73,7 @@ class BitstreamWindow:
         self._side: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
         self._hooks: list = []  # the model's forward hooks (hook()); removed by close()
-        self._saved_threads = threading.local()  # per calling thread: the thread counts to restore
+        self._saved_threads = _SavedThreads()
         self.decodes = 0  # decodes started (a measure of work, for tests and benchmarks)
         self.peak_bytes = 0  # most decoded bytes held at once (for benchmarks and memory bounds)
 
@@ -181,16 +188,14 @@ class BitstreamWindow:
         (also when the forward raises)."""
 
         def before(module, args, kwargs):
-            stack = self._saved_threads.__dict__.setdefault("stack", [])
-            tokens = forward_tokens(args, kwargs)
-            if tokens is not None and tokens <= FEW_TOKENS and self.on_cpu() and torch.get_num_threads() > 1:
-                stack.append(torch.get_num_threads())
+            tokens, threads = forward_tokens(args, kwargs), torch.get_num_threads()
+            few = tokens is not None and tokens <= FEW_TOKENS and threads > 1 and self.on_cpu()
+            self._saved_threads.stack.append(threads if few else None)
+            if few:
                 torch.set_num_threads(1)
-            else:
-                stack.append(None)
 
         def after(module, args, kwargs, output):
-            saved = self._saved_threads.__dict__.get("stack", [None]).pop()
+            saved = self._saved_threads.stack.pop()
             if saved is not None:
                 torch.set_num_threads(saved)
 
